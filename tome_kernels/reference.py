@@ -1,0 +1,244 @@
+"""Plain-PyTorch reference of every tome op: the readable spec, and the ``torch`` backend.
+
+Token layout (N tokens, the first ``protected`` of which never merge)::
+
+    A = non-protected tokens at even positions, B = non-protected tokens at odd positions
+    r is clamped to (N - protected) // 2
+    output = [protected tokens (original order) ; unmerged A ; every B token (original order)]
+
+Index tensors (int64, absolute token positions in the input):
+
+* ``unm_idx [batch, nA - r]``: the unmerged A tokens, in output order (ascending position when
+  ``protected >= 1``, descending best score when ``protected == 0``, as in the original ToMe).
+* ``src_idx [batch, r]``: the A tokens that merge, in descending best-score order.
+* ``dst_idx [batch, r]``: the B token each source merges into.
+
+Everything below is expressed with two derived maps:
+
+* ``rep [batch, N - r]``: the input position that represents each output token (its own position for a
+  protected, unmerged A or B token: a merged group is represented by its B destination);
+* ``group [batch, N]``: the output token each input token ends up in.
+
+Matching: cosine similarity of the L2-normalised metric; a zero metric vector normalises to zero (it
+scores 0 against every token, never NaN). Ties are broken towards the lower position: the first best B
+partner, and among equal best scores the lower A position ranks first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------------
+def clamp_r(r: int, num_tokens: int, protected: int) -> int:
+    """The number of merges actually made: at most half of the non-protected tokens."""
+    return max(0, min(r, (num_tokens - protected) // 2))
+
+
+def first_a(protected: int) -> int:
+    """Position of the first non-protected A (even) token."""
+    return protected + (protected & 1)
+
+
+def first_b(protected: int) -> int:
+    """Position of the first non-protected B (odd) token."""
+    return protected | 1
+
+
+def num_a(num_tokens: int, protected: int) -> int:
+    return max(0, (num_tokens - first_a(protected) + 1) // 2)
+
+
+def num_b(num_tokens: int, protected: int) -> int:
+    return max(0, (num_tokens - first_b(protected) + 1) // 2)
+
+
+def b_output_index(b_pos: torch.Tensor, num_unmerged: int, protected: int) -> torch.Tensor:
+    """Output index of the B token at input position ``b_pos``."""
+    return protected + num_unmerged + (b_pos - first_b(protected)) // 2
+
+
+def representatives(num_tokens: int, protected: int, unm_idx: torch.Tensor) -> torch.Tensor:
+    """``rep [batch, N - r]``: input position of each output token."""
+    batch, device = unm_idx.shape[0], unm_idx.device
+    prot = torch.arange(protected, device=device).expand(batch, protected)
+    b_pos = torch.arange(first_b(protected), num_tokens, 2, device=device).expand(batch, -1)
+    return torch.cat([prot, unm_idx, b_pos], dim=1)
+
+
+def groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx) -> torch.Tensor:
+    """``group [batch, N]``: output index of every input token (a source goes to its destination)."""
+    rep = representatives(num_tokens, protected, unm_idx)
+    batch = rep.shape[0]
+    out_index = torch.arange(rep.shape[1], device=rep.device).expand(batch, -1)
+    group = torch.empty(batch, num_tokens, dtype=torch.long, device=rep.device)
+    group.scatter_(1, rep, out_index)
+    group.scatter_(1, src_idx, b_output_index(dst_idx, unm_idx.shape[1], protected))
+    return group
+
+
+def check_index_values(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx) -> None:
+    """Raise ValueError unless the indices describe a matching of N tokens (e.g. from another call)."""
+    a_idx = torch.cat([unm_idx, src_idx], dim=1)
+    if a_idx.numel() and (a_idx.min() < protected or a_idx.max() >= num_tokens or (a_idx % 2 != 0).any()):
+        raise ValueError(f"tome: unm_idx and src_idx must hold even (A) token positions in "
+                         f"[protected={protected}, N={num_tokens})")
+    if dst_idx.numel() and (dst_idx.min() < protected or dst_idx.max() >= num_tokens or (dst_idx % 2 != 1).any()):
+        raise ValueError(f"tome: dst_idx must hold odd (B) token positions in [protected={protected}, N={num_tokens})")
+    seen = torch.zeros(a_idx.shape[0], num_tokens, dtype=torch.long, device=a_idx.device)
+    seen.scatter_add_(1, a_idx, torch.ones_like(a_idx))
+    if (seen[:, first_a(protected)::2] != 1).any():
+        raise ValueError("tome: every A token must appear exactly once in unm_idx or src_idx")
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ops (kernel-level signatures: size is [batch, N] or None, already validated)
+# ----------------------------------------------------------------------------------------------------
+def match(metric: torch.Tensor, r: int, protected: int):
+    """Bipartite soft matching. Returns ``(unm_idx, src_idx, dst_idx)``."""
+    batch, num_tokens, _ = metric.shape
+    r = clamp_r(r, num_tokens, protected)
+    metric = metric.to(_accumulate_dtype(metric.dtype))
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    a_pos = torch.arange(first_a(protected), num_tokens, 2, device=metric.device)
+    b_pos = torch.arange(first_b(protected), num_tokens, 2, device=metric.device)
+    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [batch, nA, nB]
+    if b_pos.numel() > 0:
+        best_score, best_b = scores.max(dim=-1)  # first maximum on ties
+    else:
+        best_score = scores.new_zeros(batch, a_pos.numel())
+        best_b = torch.zeros(batch, a_pos.numel(), dtype=torch.long, device=metric.device)
+    rank = torch.sort(best_score, dim=-1, descending=True, stable=True).indices
+    src_rank, unm_rank = rank[:, :r], rank[:, r:]
+    if protected >= 1:
+        unm_rank = unm_rank.sort(dim=-1).values
+    src_idx = a_pos[src_rank]
+    dst_idx = b_pos[best_b.gather(1, src_rank)]
+    return a_pos[unm_rank], src_idx, dst_idx
+
+
+def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):
+    """Size-weighted merge of x (and pos: B keeps its own when not ``pos_mean``); sizes add.
+
+    Returns ``(x_out, pos_out, size_out [batch, N - r])``; ``pos_out`` is empty when pos is None.
+    """
+    batch, num_tokens, _ = x.shape
+    group = groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    num_out = num_tokens - src_idx.shape[1]
+    rep = representatives(num_tokens, protected, unm_idx)
+    acc = _accumulate_dtype(x.dtype)
+    weight = (torch.ones(batch, num_tokens, dtype=acc, device=x.device) if size is None
+              else size.to(acc))
+    size_out = weight.new_zeros(batch, num_out).scatter_add_(1, group, weight)
+    members = torch.zeros(batch, num_out, dtype=torch.long, device=x.device)
+    members.scatter_add_(1, group, torch.ones_like(group))
+    singleton = (members == 1).unsqueeze(-1)
+
+    def weighted_mean(t):
+        total = t.new_zeros(batch, num_out, t.shape[-1], dtype=acc)
+        total.scatter_add_(1, group.unsqueeze(-1).expand(-1, -1, t.shape[-1]), t.to(acc) * weight[..., None])
+        # A token that merged with nothing is copied, not divided back (bit-exact passthrough).
+        return torch.where(singleton, _gather_tokens(t, rep).to(acc), total / size_out[..., None]).to(t.dtype)
+
+    x_out = weighted_mean(x)
+    if pos is None:
+        pos_out = x.new_empty(0)
+    else:
+        pos_out = weighted_mean(pos) if pos_mean else _gather_tokens(pos, rep)
+    out_dtype = x.dtype if size is None else size.dtype
+    return x_out, pos_out, size_out.to(out_dtype)
+
+
+def merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected: int,
+                   pos_mean: bool):
+    """Gradients of ``merge`` w.r.t. x and pos (size treated as a constant): a member i of output o gets
+    ``grad[o] * size[i] / size_out[o]``; with pos passthrough only the representative gets ``grad[o]``."""
+    num_out = grad_x.shape[1]
+    num_tokens = num_out + src_idx.shape[1]
+    group = groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    acc = _accumulate_dtype(grad_x.dtype)
+    if size is None:
+        weight = torch.ones(group.shape, dtype=acc, device=grad_x.device)
+    else:
+        weight = size.to(acc)
+    share = (weight / size_out.to(acc).gather(1, group)).unsqueeze(-1)
+    rep = representatives(num_tokens, protected, unm_idx)
+    members = torch.zeros_like(size_out, dtype=torch.long).scatter_add_(1, group, torch.ones_like(group))
+    singleton = (members.gather(1, group) == 1).unsqueeze(-1)
+
+    def spread(g):
+        g_in = _gather_tokens(g, group)
+        return torch.where(singleton, g_in, (g_in.to(acc) * share).to(g.dtype))
+
+    grad_x_in = spread(grad_x)
+    if grad_pos is None:
+        grad_pos_in = None
+    elif pos_mean:
+        grad_pos_in = spread(grad_pos)
+    else:
+        grad_pos_in = grad_pos.new_zeros(grad_pos.shape[0], num_tokens, grad_pos.shape[-1])
+        grad_pos_in.scatter_(1, rep.unsqueeze(-1).expand(-1, -1, grad_pos.shape[-1]), grad_pos)
+    return grad_x_in, grad_pos_in
+
+
+def unmerge(y, unm_idx, src_idx, dst_idx, protected: int):
+    """Back to N tokens: every input token gets the value of the output token it merged into."""
+    num_tokens = y.shape[1] + src_idx.shape[1]
+    return _gather_tokens(y, groups(num_tokens, protected, unm_idx, src_idx, dst_idx))
+
+
+def unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected: int):
+    """Gradient of ``unmerge``: each output token sums the gradients of its members."""
+    batch, num_tokens, channels = grad.shape
+    group = groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    acc = _accumulate_dtype(grad.dtype)
+    out = torch.zeros(batch, num_tokens - src_idx.shape[1], channels, dtype=acc, device=grad.device)
+    out.scatter_add_(1, group.unsqueeze(-1).expand(-1, -1, channels), grad.to(acc))
+    return out.to(grad.dtype)
+
+
+def attention(q, k, v, size, scale: float):
+    """Proportional attention ``softmax(q k^T * scale + log size) v``. Returns ``(out, lse)`` with the
+    row log-sum-exp ``lse [batch, heads, Nq]`` in fp32 (fp64 for fp64 inputs)."""
+    acc = _accumulate_dtype(q.dtype)
+    logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    if size is not None:
+        logits = logits + size.to(acc).log()[:, None, None, :]
+    lse = logits.logsumexp(dim=-1)
+    probs = (logits - lse[..., None]).exp()
+    return (probs @ v.to(acc)).to(q.dtype), lse
+
+
+def attention_backward(grad_out, q, k, v, size, out, lse, scale: float):
+    dtype, acc = q.dtype, _accumulate_dtype(q.dtype)
+    q, k, v, grad_out, out = (t.to(acc) for t in (q, k, v, grad_out, out))
+    logits = (q @ k.transpose(-1, -2)) * scale
+    if size is not None:
+        logits = logits + size.to(acc).log()[:, None, None, :]
+    probs = (logits - lse.to(acc)[..., None]).exp()
+    grad_v = probs.transpose(-1, -2) @ grad_out
+    grad_probs = grad_out @ v.transpose(-1, -2)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    grad_logits = probs * (grad_probs - delta) * scale
+    return ((grad_logits @ k).to(dtype), (grad_logits.transpose(-1, -2) @ q).to(dtype), grad_v.to(dtype))
+
+
+def merge_source(source, unm_idx, src_idx, dst_idx, protected: int):
+    """Source tracing: ``source [batch, N, N0]`` (1 where output token n contains original token n0)
+    merged with the same indices; a group's row is the union (max) of its members' rows."""
+    num_tokens = source.shape[1]
+    group = groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    out = source.new_zeros(source.shape[0], num_tokens - src_idx.shape[1], source.shape[2])
+    return out.scatter_reduce_(1, group.unsqueeze(-1).expand_as(source), source, reduce="amax")
