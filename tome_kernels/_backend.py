@@ -35,9 +35,9 @@ def _native_reason(dispatch_key: str) -> str | None:
 
 def _triton_reason(device_type: str) -> str | None:
     try:
-        importlib.import_module("triton")
+        importlib.import_module("tome_kernels.triton")
     except ImportError as error:
-        return f"triton is not importable ({error}); pip install triton"
+        return f"the Triton kernels are not importable ({error}); pip install triton"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before importing tome_kernels"
     if device_type not in ("cpu", "cuda"):

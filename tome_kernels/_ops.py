@@ -163,6 +163,9 @@ def _merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], unm_idx: Te
            dst_idx: Tensor, protected: int, pos_mode: str) -> tuple[Tensor, Tensor, Tensor]:
     size = _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode)
     _check_index_values(x.shape[1], protected, unm_idx, src_idx, dst_idx)
+    if src_idx.shape[1] == 0:  # r = 0: the input, unchanged and in the same order, on every backend
+        size_out = torch.ones_like(x[..., :1]) if size is None else size.unsqueeze(-1).clone()
+        return x.clone(), (x.new_empty(0) if pos is None else pos.clone()), size_out
     x_out, pos_out, size_out = resolve(x.device).merge(x, pos, size, unm_idx, src_idx, dst_idx, protected,
                                                        pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1)
@@ -229,6 +232,8 @@ def _merge_backward(grad_x: Tensor, grad_pos: Optional[Tensor], size: Optional[T
                     unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protected: int,
                     pos_mode: str) -> tuple[Tensor, Tensor]:
     batch, num_out, _ = grad_x.shape
+    if src_idx.shape[1] == 0:
+        return grad_x.clone(), (grad_x.new_empty(0) if grad_pos is None else grad_pos.clone())
     size = _size_2d(size, batch, num_out + src_idx.shape[1])
     grad_x_in, grad_pos_in = resolve(grad_x.device).merge_backward(
         grad_x.contiguous(), None if grad_pos is None else grad_pos.contiguous(), size, size_out.squeeze(-1),
@@ -265,6 +270,8 @@ def unmerge(y: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protec
     """
     _check_unmerge(y, unm_idx, src_idx, dst_idx, protected)
     _check_index_values(y.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
+    if src_idx.shape[1] == 0:
+        return y.clone()
     return resolve(y.device).unmerge(y, unm_idx, src_idx, dst_idx, protected)
 
 
@@ -290,6 +297,8 @@ unmerge.register_autograd(_unmerge_backward_autograd, setup_context=_unmerge_set
 
 @custom_op("tome::_unmerge_backward", mutates_args=())
 def _unmerge_backward(grad: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protected: int) -> Tensor:
+    if src_idx.shape[1] == 0:
+        return grad.clone()
     return resolve(grad.device).unmerge_backward(grad.contiguous(), unm_idx, src_idx, dst_idx, protected)
 
 
@@ -401,8 +410,10 @@ def _merge_composite(x, size, unm_idx, src_idx, dst_idx, protected=0):
 def _bipartite_merge_composite(x, pos, size, r, metric=None, protected=0, pos_mode="keep"):
     if pos_mode not in _POS_MODES:
         raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
+    _check_float("x", x, 3)
     metric = x if metric is None else metric
-    if metric.dim() != 3 or x.dim() != 3 or metric.shape[:2] != x.shape[:2]:
+    _check_float("metric", metric, 3)
+    if metric.shape[:2] != x.shape[:2]:
         raise ValueError(f"tome: metric must be [batch, N, Cm] with the batch and N of x {tuple(x.shape)}, "
                          f"got shape {tuple(metric.shape)}")
     unm_idx, src_idx, dst_idx = bipartite_match(metric.detach(), r, protected)

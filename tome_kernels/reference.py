@@ -5,11 +5,13 @@ Token layout (N tokens, the first ``protected`` of which never merge)::
     A = non-protected tokens at even positions, B = non-protected tokens at odd positions
     r is clamped to (N - protected) // 2
     output = [protected tokens (original order) ; unmerged A ; every B token (original order)]
+    except when the clamped r is 0: then every op returns its input unchanged, in the same order.
 
 Index tensors (int64, absolute token positions in the input):
 
 * ``unm_idx [batch, nA - r]``: the unmerged A tokens, in output order (ascending position when
-  ``protected >= 1``, descending best score when ``protected == 0``, as in the original ToMe).
+  ``protected >= 1``, descending best score when ``protected == 0``, as in the original ToMe; ascending
+  when the clamped r is 0, so that every op then returns its input unchanged).
 * ``src_idx [batch, r]``: the A tokens that merge, in descending best-score order.
 * ``dst_idx [batch, r]``: the B token each source merges into.
 
@@ -57,16 +59,26 @@ def num_b(num_tokens: int, protected: int) -> int:
     return max(0, (num_tokens - first_b(protected) + 1) // 2)
 
 
+def a_positions(num_tokens: int, protected: int, device=None) -> torch.Tensor:
+    return torch.arange(min(first_a(protected), num_tokens), num_tokens, 2, device=device)
+
+
+def b_positions(num_tokens: int, protected: int, device=None) -> torch.Tensor:
+    return torch.arange(min(first_b(protected), num_tokens), num_tokens, 2, device=device)
+
+
 def b_output_index(b_pos: torch.Tensor, num_unmerged: int, protected: int) -> torch.Tensor:
     """Output index of the B token at input position ``b_pos``."""
     return protected + num_unmerged + (b_pos - first_b(protected)) // 2
 
 
 def representatives(num_tokens: int, protected: int, unm_idx: torch.Tensor) -> torch.Tensor:
-    """``rep [batch, N - r]``: input position of each output token."""
+    """``rep [batch, N - r]``: input position of each output token (the identity when r = 0)."""
     batch, device = unm_idx.shape[0], unm_idx.device
+    if unm_idx.shape[1] == num_a(num_tokens, protected):
+        return torch.arange(num_tokens, device=device).expand(batch, num_tokens)
     prot = torch.arange(protected, device=device).expand(batch, protected)
-    b_pos = torch.arange(first_b(protected), num_tokens, 2, device=device).expand(batch, -1)
+    b_pos = b_positions(num_tokens, protected, device).expand(batch, -1)
     return torch.cat([prot, unm_idx, b_pos], dim=1)
 
 
@@ -112,8 +124,8 @@ def match(metric: torch.Tensor, r: int, protected: int):
     r = clamp_r(r, num_tokens, protected)
     metric = metric.to(_accumulate_dtype(metric.dtype))
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    a_pos = torch.arange(first_a(protected), num_tokens, 2, device=metric.device)
-    b_pos = torch.arange(first_b(protected), num_tokens, 2, device=metric.device)
+    a_pos = a_positions(num_tokens, protected, metric.device)
+    b_pos = b_positions(num_tokens, protected, metric.device)
     scores = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [batch, nA, nB]
     if b_pos.numel() > 0:
         best_score, best_b = scores.max(dim=-1)  # first maximum on ties
@@ -122,7 +134,7 @@ def match(metric: torch.Tensor, r: int, protected: int):
         best_b = torch.zeros(batch, a_pos.numel(), dtype=torch.long, device=metric.device)
     rank = torch.sort(best_score, dim=-1, descending=True, stable=True).indices
     src_rank, unm_rank = rank[:, :r], rank[:, r:]
-    if protected >= 1:
+    if protected >= 1 or r == 0:
         unm_rank = unm_rank.sort(dim=-1).values
     src_idx = a_pos[src_rank]
     dst_idx = b_pos[best_b.gather(1, src_rank)]
@@ -242,3 +254,34 @@ def merge_source(source, unm_idx, src_idx, dst_idx, protected: int):
     group = groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
     out = source.new_zeros(source.shape[0], num_tokens - src_idx.shape[1], source.shape[2])
     return out.scatter_reduce_(1, group.unsqueeze(-1).expand_as(source), source, reduce="amax")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline: the original ToMe step as a chain of plain PyTorch ops (full score matrix, argsort,
+# gather / scatter_reduce, about 15 launches). Benchmarks time it; tests check the ops make its merges.
+# ----------------------------------------------------------------------------------------------------
+def tome_chain(x, size, metric, r: int, class_token: bool):
+    """One ToMe step written as the paper's algorithm: ``(x_out, size_out)`` for ``protected = class_token``."""
+    r = clamp_r(r, x.shape[1], int(class_token))
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    if class_token:
+        scores[:, 0, :] = -float("inf")
+    best_score, best_b = scores.max(dim=-1)
+    ranked = best_score.argsort(dim=-1, descending=True)[..., None]
+    unm_rank, src_rank = ranked[:, r:], ranked[:, :r]
+    dst_slot = best_b[..., None].gather(1, src_rank)
+    if class_token:
+        unm_rank = unm_rank.sort(dim=1).values
+
+    def merge_sum(t):
+        a, b = t[:, ::2], t[:, 1::2]
+        channels = t.shape[-1]
+        unmerged = a.gather(1, unm_rank.expand(-1, -1, channels))
+        sources = a.gather(1, src_rank.expand(-1, -1, channels))
+        b = b.scatter_reduce(1, dst_slot.expand(-1, -1, channels), sources, reduce="sum")
+        return torch.cat([unmerged, b], dim=1)
+
+    x_out = merge_sum(x * size)
+    size_out = merge_sum(size)
+    return x_out / size_out, size_out

@@ -1,0 +1,52 @@
+import os
+import tempfile
+
+import torch
+
+# The Triton interpreter must be chosen before any @triton.jit runs; real GPUs run the real kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+_cache = tempfile.mkdtemp(prefix="tome_test_cache_")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_cache, "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_cache, "triton"))
+
+import pytest  # noqa: E402
+
+import tome_kernels  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def available(device: str) -> list[str]:
+    return [name for name, reason in tome_kernels.available_backends(device).items() if reason is None]
+
+
+BACKEND_CASES = [pytest.param((device, name), id=f"{device}-{name}") for device in DEVICES for name in available(device)]
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def backend(request):
+    """(device, backend name) for every backend usable here; the backend is active inside the test."""
+    device, name = request.param
+    with tome_kernels.use_backend(name):
+        yield device, name
+
+
+def tie_free_metric(batch: int, num_tokens: int, channels: int = 64, dtype=torch.float32, device="cpu", seed=0):
+    """A metric whose best scores are well separated (gaps ~1/N, far above rounding), so every backend
+    must return exactly the reference's indices: A token i is a random B token plus an orthogonal offset
+    of a distinct length, so its best score 1/sqrt(1 + noise^2) is distinct and far from the runner-up."""
+    gen = torch.Generator().manual_seed(seed)
+    metric = torch.randn(batch, num_tokens, channels, generator=gen, dtype=torch.float64)
+    num_a = (num_tokens + 1) // 2
+    num_b = num_tokens // 2
+    if num_b > 0 and channels >= 32:
+        partner = torch.randint(num_b, (batch, num_a), generator=gen)
+        noise = torch.stack([torch.randperm(num_a, generator=gen) for _ in range(batch)]).to(torch.float64)
+        noise = (0.1 + 0.9 * noise / max(num_a, 1))[..., None]
+        base = metric[:, 1::2].gather(1, partner[..., None].expand(-1, -1, channels))
+        direction = torch.randn(batch, num_a, channels, generator=gen, dtype=torch.float64)
+        direction -= (direction * base).sum(-1, keepdim=True) / (base * base).sum(-1, keepdim=True) * base
+        direction = direction / direction.norm(dim=-1, keepdim=True) * base.norm(dim=-1, keepdim=True)
+        metric[:, 0::2] = base + noise * direction
+    return metric.to(dtype).to(device)
