@@ -1,0 +1,140 @@
+// Bipartite soft matching on CPU (spec: reference.match).
+//
+// 1. L2-normalise every non-protected token once, in the accumulation dtype: x / max(||x||, 1e-12).
+// 2. Per (batch row, tile of A rows): one BLAS product of the tile with all B rows (at::mm, run
+//    single-threaded inside the OpenMP region) into a per-thread [tile, nB] buffer, then a running
+//    max/argmax per A row. Only a tile of the nA x nB score matrix ever exists (L2-sized, for any N).
+// 3. Per batch row: stable descending sort of the best scores (ties -> lower A position); the first r
+//    are the sources, the rest unmerged (re-sorted by position when protected >= 1).
+// Tiles are fixed-size, independent of the thread count, so results are bit-identical for any thread count.
+#include <torch/library.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "common.h"
+
+namespace tome::cpu {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr int64_t kTileRows = 64;   // A rows per score tile: [64, nB] fits L2 for N in the thousands
+
+// out[n] = in[n] / max(||in[n]||, eps) for rows [begin, end) of [rows, channels].
+template <class scalar_t, class acc_t>
+void normalise_rows(const scalar_t* in, acc_t* out, int64_t begin, int64_t end, int64_t channels) {
+  for (int64_t n = begin; n < end; ++n) {
+    const scalar_t* row = in + n * channels;
+    acc_t* dst = out + n * channels;
+    acc_t squares = 0;
+    for (int64_t c = 0; c < channels; ++c) {
+      dst[c] = static_cast<acc_t>(row[c]);
+      squares += dst[c] * dst[c];
+    }
+    const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
+    for (int64_t c = 0; c < channels; ++c) dst[c] /= norm;
+  }
+}
+
+// Index of the first maximum of row[0, n) (NaN counts as the maximum, as torch.max), n >= 1.
+template <class acc_t>
+int64_t first_argmax(const acc_t* row, int64_t n, acc_t* best) {
+  int64_t index = 0;
+  acc_t value = row[0];
+  for (int64_t j = 1; j < n; ++j) {
+    if (!(row[j] <= value) && value == value) {
+      value = row[j];
+      index = j;
+    }
+  }
+  *best = value;
+  return index;
+}
+
+template <class scalar_t, class acc_t>
+void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch, int64_t* unm_idx,
+                  int64_t* src_idx, int64_t* dst_idx) {
+  const int64_t num_tokens = layout.num_tokens, channels = metric.size(2);
+  const int64_t na = layout.num_a(), nb = layout.num_b(), r = layout.r, nu = layout.num_unmerged();
+  const auto options = metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // Normalised tokens [batch, N, C] (protected rows left unset: never read).
+  at::Tensor normalised = at::empty({batch, num_tokens, channels}, options);
+  {
+    const scalar_t* in = metric.const_data_ptr<scalar_t>();
+    acc_t* out = normalised.mutable_data_ptr<acc_t>();
+    const int64_t rows = num_tokens - layout.protected_tokens;
+    parallel_chunks(batch * rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(channels, 1)),
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t i = begin; i < end; ++i) {
+                        const int64_t n = (i / rows) * num_tokens + layout.protected_tokens + i % rows;
+                        normalise_rows(in, out, n, n + 1, channels);
+                      }
+                    });
+  }
+
+  std::vector<acc_t> best_score(batch * na, acc_t(0));
+  std::vector<int64_t> best_b(batch * na, 0);
+  const int64_t tiles = (na + kTileRows - 1) / kTileRows;
+  if (nb > 0 && na > 0) {
+    // Strided views (row stride 2C) go to BLAS as they are: no de-interleaving copy.
+    const at::Tensor a_rows = normalised.slice(1, layout.first_a(), num_tokens, 2);  // [batch, nA, C]
+    const at::Tensor b_rows = normalised.slice(1, layout.first_b(), num_tokens, 2);  // [batch, nB, C]
+    // Grain: one tile is already a BLAS call's worth of work; fork when there are at least two.
+    parallel_chunks(batch * tiles, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor scores = at::empty({kTileRows, nb}, options);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / tiles, first = (item % tiles) * kTileRows, rows = std::min(kTileRows, na - first);
+        at::Tensor tile = scores.narrow(0, 0, rows);
+        at::mm_out(tile, a_rows[b].narrow(0, first, rows), b_rows[b].t());
+        const acc_t* s = tile.const_data_ptr<acc_t>();
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t a = b * na + first + i;
+          best_b[a] = first_argmax(s + i * nb, nb, &best_score[a]);
+        }
+      }
+    });
+  }
+
+  parallel_chunks(batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(na);
+    for (int64_t b = begin; b < end; ++b) {
+      const acc_t* score = best_score.data() + b * na;
+      // Descending, NaN first (as torch.sort); stable, so ties keep the lower A position first.
+      auto key = [&](int64_t i) { return std::isnan(score[i]) ? INFINITY : score[i]; };
+      std::iota(order.begin(), order.end(), int64_t(0));
+      std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return key(i) > key(j); });
+      for (int64_t k = 0; k < r; ++k) {
+        src_idx[b * r + k] = layout.a_position(order[k]);
+        dst_idx[b * r + k] = layout.b_position(best_b[b * na + order[k]]);
+      }
+      if (layout.protected_tokens >= 1) std::sort(order.begin() + r, order.end());
+      for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(order[r + k]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
+  check_float("metric", metric_in, 3);
+  const int64_t batch = metric_in.size(0), num_tokens = metric_in.size(1);
+  TORCH_CHECK(r >= 0, "tome: r must be >= 0, got ", r);
+  TORCH_CHECK(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
+              num_tokens, "], got ", protected_tokens);
+  const Layout layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
+  const at::Tensor metric = metric_in.contiguous();
+  const auto index_options = metric.options().dtype(at::kLong);
+  at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
+  at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
+  at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
+  dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
+    match_kernel<decltype(data), decltype(accum)>(metric, layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
+                                                  src_idx.mutable_data_ptr<int64_t>(),
+                                                  dst_idx.mutable_data_ptr<int64_t>());
+  });
+  return {unm_idx, src_idx, dst_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tome, CPU, m) { m.impl("_native_match", &match); }
+
+}  // namespace tome::cpu
