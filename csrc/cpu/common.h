@@ -44,6 +44,9 @@ void dispatch_data_acc(at::ScalarType data, at::ScalarType acc, const F& f) {
   });
 }
 
+// Elements (about) one thread should get before an OpenMP fork pays off (ATen's GRAIN_SIZE).
+constexpr int64_t kGrainElements = 32768;
+
 // f(begin, end) on contiguous chunks of [0, n) over torch's intra-op threads (OpenMP), serially when there
 // are fewer than 2 * grain items. Chunks depend only on n and the thread count, and every kernel computes
 // each output element in one fixed order, so results do not depend on the thread count. An exception in

@@ -5,7 +5,7 @@
 //    single-threaded inside the OpenMP region) into a per-thread [tile, nB] buffer, then a running
 //    max/argmax per A row. Only a tile of the nA x nB score matrix ever exists (L2-sized, for any N).
 // 3. Per batch row: stable descending sort of the best scores (ties -> lower A position); the first r
-//    are the sources, the rest unmerged (re-sorted by position when protected >= 1).
+//    are the sources, the rest unmerged (re-sorted by position when protected >= 1 or r = 0).
 // Tiles are fixed-size, independent of the thread count, so results are bit-identical for any thread count.
 #include <torch/library.h>
 
@@ -20,20 +20,16 @@ namespace {
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 constexpr int64_t kTileRows = 64;   // A rows per score tile: [64, nB] fits L2 for N in the thousands
 
-// out[n] = in[n] / max(||in[n]||, eps) for rows [begin, end) of [rows, channels].
+// dst = row / max(||row||, eps), in the accumulation dtype.
 template <class scalar_t, class acc_t>
-void normalise_rows(const scalar_t* in, acc_t* out, int64_t begin, int64_t end, int64_t channels) {
-  for (int64_t n = begin; n < end; ++n) {
-    const scalar_t* row = in + n * channels;
-    acc_t* dst = out + n * channels;
-    acc_t squares = 0;
-    for (int64_t c = 0; c < channels; ++c) {
-      dst[c] = static_cast<acc_t>(row[c]);
-      squares += dst[c] * dst[c];
-    }
-    const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
-    for (int64_t c = 0; c < channels; ++c) dst[c] /= norm;
+void normalise_row(const scalar_t* row, acc_t* dst, int64_t channels) {
+  acc_t squares = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    dst[c] = static_cast<acc_t>(row[c]);
+    squares += dst[c] * dst[c];
   }
+  const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
+  for (int64_t c = 0; c < channels; ++c) dst[c] /= norm;
 }
 
 // Index of the first maximum of row[0, n) (NaN counts as the maximum, as torch.max), n >= 1.
@@ -56,6 +52,12 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
                   int64_t* src_idx, int64_t* dst_idx) {
   const int64_t num_tokens = layout.num_tokens, channels = metric.size(2);
   const int64_t na = layout.num_a(), nb = layout.num_b(), r = layout.r, nu = layout.num_unmerged();
+  if (r == 0) {  // nothing merges: no scores needed, the A tokens stay in order
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t k = 0; k < na; ++k) unm_idx[b * na + k] = layout.a_position(k);
+    }
+    return;
+  }
   const auto options = metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // Normalised tokens [batch, N, C] (protected rows left unset: never read).
   at::Tensor normalised = at::empty({batch, num_tokens, channels}, options);
@@ -63,11 +65,11 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     const scalar_t* in = metric.const_data_ptr<scalar_t>();
     acc_t* out = normalised.mutable_data_ptr<acc_t>();
     const int64_t rows = num_tokens - layout.protected_tokens;
-    parallel_chunks(batch * rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(channels, 1)),
+    parallel_chunks(batch * rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(channels, 1)),
                     [&](int64_t begin, int64_t end) {
                       for (int64_t i = begin; i < end; ++i) {
                         const int64_t n = (i / rows) * num_tokens + layout.protected_tokens + i % rows;
-                        normalise_rows(in, out, n, n + 1, channels);
+                        normalise_row(in + n * channels, out + n * channels, channels);
                       }
                     });
   }
@@ -79,8 +81,8 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     // Strided views (row stride 2C) go to BLAS as they are: no de-interleaving copy.
     const at::Tensor a_rows = normalised.slice(1, layout.first_a(), num_tokens, 2);  // [batch, nA, C]
     const at::Tensor b_rows = normalised.slice(1, layout.first_b(), num_tokens, 2);  // [batch, nB, C]
-    // Grain: one tile is already a BLAS call's worth of work; fork when there are at least two.
-    parallel_chunks(batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile_grain = std::max<int64_t>(1, 8 * kGrainElements / (kTileRows * nb * std::max<int64_t>(channels, 1)));
+    parallel_chunks(batch * tiles, tile_grain, [&](int64_t begin, int64_t end) {
       at::Tensor scores = at::empty({kTileRows, nb}, options);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / tiles, first = (item % tiles) * kTileRows, rows = std::min(kTileRows, na - first);
@@ -95,7 +97,7 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     });
   }
 
-  parallel_chunks(batch, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(batch, std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1)), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> order(na);
     for (int64_t b = begin; b < end; ++b) {
       const acc_t* score = best_score.data() + b * na;
@@ -107,7 +109,7 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
         src_idx[b * r + k] = layout.a_position(order[k]);
         dst_idx[b * r + k] = layout.b_position(best_b[b * na + order[k]]);
       }
-      if (layout.protected_tokens >= 1) std::sort(order.begin() + r, order.end());
+      if (layout.protected_tokens >= 1 || r == 0) std::sort(order.begin() + r, order.end());
       for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(order[r + k]);
     }
   });

@@ -11,8 +11,7 @@
 namespace tome::cpu {
 namespace {
 
-// Rows per chunk: enough work per thread (about 16k elements) to be worth an OpenMP fork.
-int64_t row_grain(int64_t channels) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(channels, 1)); }
+int64_t row_grain(int64_t channels) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(channels, 1)); }
 
 // out[o] = sum of w_i * in[i] over the members i of output token o, divided by size_out[o] when given
 // (weighted mean); no weight means w_i = 1. A token that merged with nothing is copied, bit-exact. With
