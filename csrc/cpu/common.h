@@ -77,13 +77,16 @@ void parallel_chunks(int64_t n, int64_t grain, const F& f) {
   if (error) std::rethrow_exception(error);
 }
 
-// The index triple of one ToMe step for every batch row, checked and inverted. Output token o of row b is
-// made of its representative rep(b, o) and, when o is a B token, the sources merged into it (src_idx order).
-// The checks make every kernel memory-safe when a _native_* op is called directly: positions in range and
-// of the right parity, and every A token in unm_idx or src_idx exactly once, so the input tokens are
-// partitioned among the output tokens (each output row is written, and parallel scatters write disjoint rows).
+// The index triple of one ToMe step for every batch row, checked, then described per token: the output
+// token each of the N tokens ends up in (group), whether it merged with nothing, represents a merged group
+// (its B token) or is a source, and the members of every merged group in ascending position (the order in
+// which the reference's scatter_add sums them). The checks make every kernel memory-safe when a _native_*
+// op is called directly: positions in range and of the right parity, every A token in unm_idx or src_idx
+// exactly once, so the N tokens are partitioned among the output tokens (each output row is written once).
 class Groups {
  public:
+  enum Role : uint8_t { kAlone, kRepresentative, kSource };
+
   Groups(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx, int64_t batch,
          int64_t num_tokens, int64_t protected_tokens)
       : layout_{num_tokens, protected_tokens, src_idx.dim() == 2 ? src_idx.size(1) : 0}, batch_(batch) {
@@ -100,58 +103,71 @@ class Groups {
                     unm_idx.size(1) == layout_.num_unmerged(),
                 "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout_.r, " A tokens) do not fit N=",
                 num_tokens, " tokens with protected=", protected_tokens);
-    unm_ = unm_idx.contiguous();
-    const at::Tensor src = src_idx.contiguous(), dst = dst_idx.contiguous();
+    const at::Tensor unm_t = unm_idx.contiguous(), src_t = src_idx.contiguous(), dst_t = dst_idx.contiguous();
     const int64_t nu = layout_.num_unmerged(), r = layout_.r, nb = layout_.num_b();
-    const int64_t *unm = unm_.data_ptr<int64_t>(), *src_p = src.data_ptr<int64_t>(), *dst_p = dst.data_ptr<int64_t>();
+    const int64_t *unm = unm_t.const_data_ptr<int64_t>(), *src = src_t.const_data_ptr<int64_t>(),
+                  *dst = dst_t.const_data_ptr<int64_t>();
     std::vector<uint8_t> seen(num_tokens);
     for (int64_t b = 0; b < batch; ++b) {
       std::fill(seen.begin(), seen.end(), 0);
       for (int64_t k = 0; k < nu + r; ++k) {
-        const int64_t p = k < nu ? unm[b * nu + k] : src_p[b * r + k - nu];
+        const int64_t p = k < nu ? unm[b * nu + k] : src[b * r + k - nu];
         TORCH_CHECK(p >= protected_tokens && p < num_tokens && p % 2 == 0 && !seen[p],
                     "tome: unm_idx and src_idx must hold every even (A) token position in [protected=",
                     protected_tokens, ", N=", num_tokens, ") once; got ", p, " in batch row ", b);
         seen[p] = 1;
       }
       for (int64_t k = 0; k < r; ++k) {
-        const int64_t p = dst_p[b * r + k];
+        const int64_t p = dst[b * r + k];
         TORCH_CHECK(p >= protected_tokens && p < num_tokens && p % 2 == 1, "tome: dst_idx must hold odd (B) ",
                     "token positions in [protected=", protected_tokens, ", N=", num_tokens, "), got ", p,
                     " in batch row ", b);
       }
     }
-    offsets_.resize(batch * (nb + 1));
-    members_.resize(batch * r);
+
+    group_.resize(batch * num_tokens);
+    role_.assign(batch * num_tokens, kAlone);
+    member_offsets_.push_back(0);
+    std::vector<int32_t> offsets(nb + 1);
+    std::vector<int64_t> sources(r);
     for (int64_t b = 0; b < batch; ++b) {
-      invert_destinations(layout_, src_p + b * r, dst_p + b * r, offsets_.data() + b * (nb + 1),
-                          members_.data() + b * r);
+      fill_groups(layout_, unm + b * nu, src + b * r, dst + b * r, group_.data() + b * num_tokens);
+      invert_destinations(layout_, src + b * r, dst + b * r, offsets.data(), sources.data());
+      for (int64_t j = 0; j < nb; ++j) {
+        if (offsets[j] == offsets[j + 1]) continue;
+        const auto first = static_cast<int64_t>(members_.size());
+        members_.push_back(layout_.b_position(j));
+        members_.insert(members_.end(), sources.begin() + offsets[j], sources.begin() + offsets[j + 1]);
+        std::sort(members_.begin() + first, members_.end());
+        for (auto m = members_.begin() + first; m != members_.end(); ++m) role_[b * num_tokens + *m] = kSource;
+        role_[b * num_tokens + layout_.b_position(j)] = kRepresentative;
+        merged_.push_back(b * layout_.num_out() + layout_.b_output(j));
+        member_offsets_.push_back(static_cast<int64_t>(members_.size()));
+      }
     }
   }
 
   const Layout& layout() const { return layout_; }
   int64_t batch() const { return batch_; }
+  int64_t num_tokens() const { return layout_.num_tokens; }
   int64_t num_out() const { return layout_.num_out(); }
-  int64_t representative(int64_t b, int64_t o) const {
-    return layout_.representative(o, unm_.const_data_ptr<int64_t>() + b * layout_.num_unmerged());
-  }
-  // Sources merged into output token o of row b: [*first, *last), empty unless o is a B token.
-  const int64_t* sources_begin(int64_t b, int64_t o) const { return source(b, o, 0); }
-  const int64_t* sources_end(int64_t b, int64_t o) const { return source(b, o, 1); }
+  // Token n of batch row b, as t = b * N + n: the output token (b * num_out + o) it ends up in, and its role.
+  int64_t output_of(int64_t t) const { return (t / layout_.num_tokens) * layout_.num_out() + group_[t]; }
+  Role role(int64_t t) const { return static_cast<Role>(role_[t]); }
+  // Merged group k: output token (b * num_out + o), and its members' positions n in ascending order.
+  int64_t num_merged() const { return static_cast<int64_t>(merged_.size()); }
+  int64_t merged_output(int64_t k) const { return merged_[k]; }
+  const int64_t* members_begin(int64_t k) const { return members_.data() + member_offsets_[k]; }
+  const int64_t* members_end(int64_t k) const { return members_.data() + member_offsets_[k + 1]; }
 
  private:
-  const int64_t* source(int64_t b, int64_t o, int64_t end) const {
-    const int64_t first_b_out = layout_.b_output(0);
-    const int64_t slot = o < first_b_out ? 0 : o - first_b_out + end;
-    const int64_t offset = o < first_b_out ? 0 : offsets_[b * (layout_.num_b() + 1) + slot];
-    return members_.data() + b * layout_.r + offset;
-  }
-
   Layout layout_;
   int64_t batch_;
-  at::Tensor unm_;
-  std::vector<int32_t> offsets_;  // [batch, num_b + 1]
-  std::vector<int64_t> members_;  // [batch, r]
+  std::vector<int64_t> group_;           // [batch, N]: output token of every token
+  std::vector<uint8_t> role_;            // [batch, N]: Role
+  std::vector<int64_t> merged_;          // [merged groups]: b * num_out + o
+  std::vector<int64_t> member_offsets_;  // [merged groups + 1]
+  std::vector<int64_t> members_;         // positions, grouped, ascending within a group
 };
 
 }  // namespace tome::cpu

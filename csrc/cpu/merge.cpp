@@ -1,9 +1,10 @@
 // merge, merge_backward, unmerge, unmerge_backward on CPU (spec: tome_kernels/reference.py).
 //
-// One pass over the data each, parallel over (batch row, output token). Each output token gathers (merge,
-// unmerge_backward) or scatters (merge_backward, unmerge) its own members through the inverted index
-// (Groups), so there are no atomics and every sum runs in one fixed order: representative first, then the
-// sources in src_idx order. Bit-identical results for any thread count.
+// The N-token side is visited in token order, parallel over (batch row, token): merge reads it and
+// unmerge writes it sequentially, which measured 1.5x faster than visiting the output tokens (whose rows
+// interleave the A and B positions). Tokens that merged with nothing are copied (bit-exact); each merged
+// group is then summed by one thread over its members in ascending position, the order of the reference's
+// scatter_add: no atomics, and the same bits for any thread count.
 #include <torch/library.h>
 
 #include "common.h"
@@ -13,91 +14,88 @@ namespace {
 
 int64_t row_grain(int64_t channels) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(channels, 1)); }
 
-// out[o] = sum of w_i * in[i] over the members i of output token o, divided by size_out[o] when given
-// (weighted mean); no weight means w_i = 1. A token that merged with nothing is copied, bit-exact. With
-// rep_only, out[o] = in[rep(o)] (pos passthrough).
+template <class scalar_t>
+void copy_row(const scalar_t* from, scalar_t* to, int64_t channels) {
+  std::copy(from, from + channels, to);
+}
+
+// out[o] = sum of w_n * in[n] over the members n of output token o, divided by size_out[o] when given
+// (weighted mean); no weight means w_n = 1. With rep_only, out[o] = in[representative of o] (pos passthrough).
 template <class scalar_t, class acc_t>
 void reduce_groups(const Groups& g, const scalar_t* in, scalar_t* out, int64_t channels, const acc_t* weight,
                    const acc_t* size_out, bool rep_only) {
-  const int64_t num_tokens = g.layout().num_tokens, num_out = g.num_out();
-  parallel_chunks(g.batch() * num_out, row_grain(channels), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> total(channels);
+  parallel_chunks(g.batch() * g.num_tokens(), row_grain(channels), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / num_out, o = t % num_out, rep = g.representative(b, o);
-      const scalar_t* row = in + (b * num_tokens + rep) * channels;
-      scalar_t* dst = out + t * channels;
-      const int64_t *first = g.sources_begin(b, o), *last = g.sources_end(b, o);
-      if (rep_only || first == last) {
-        std::copy(row, row + channels, dst);
-        continue;
+      const auto role = g.role(t);
+      if (role == Groups::kAlone || (rep_only && role == Groups::kRepresentative)) {
+        copy_row(in + t * channels, out + g.output_of(t) * channels, channels);
       }
-      const acc_t* w = weight == nullptr ? nullptr : weight + b * num_tokens;
-      const acc_t w_rep = w == nullptr ? acc_t(1) : w[rep];
-      for (int64_t c = 0; c < channels; ++c) total[c] = w_rep * static_cast<acc_t>(row[c]);
-      for (const int64_t* m = first; m != last; ++m) {
-        const scalar_t* member = in + (b * num_tokens + *m) * channels;
-        const acc_t w_m = w == nullptr ? acc_t(1) : w[*m];
-        for (int64_t c = 0; c < channels; ++c) total[c] += w_m * static_cast<acc_t>(member[c]);
+    }
+  });
+  if (rep_only) return;
+  const int64_t num_tokens = g.num_tokens(), num_out = g.num_out();
+  parallel_chunks(g.num_merged(), std::max<int64_t>(1, row_grain(channels) / 2), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> total(channels);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t o = g.merged_output(k), base = (o / num_out) * num_tokens;
+      for (const int64_t* m = g.members_begin(k); m != g.members_end(k); ++m) {
+        const scalar_t* row = in + (base + *m) * channels;
+        const acc_t w = weight == nullptr ? acc_t(1) : weight[base + *m];
+        if (m == g.members_begin(k)) {
+          for (int64_t c = 0; c < channels; ++c) total[c] = w * static_cast<acc_t>(row[c]);
+        } else {
+          for (int64_t c = 0; c < channels; ++c) total[c] += w * static_cast<acc_t>(row[c]);
+        }
       }
+      scalar_t* dst = out + o * channels;
       if (size_out == nullptr) {
         for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(total[c]);
       } else {
-        const acc_t s = size_out[t];
+        const acc_t s = size_out[o];
         for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(total[c] / s);
       }
     }
   });
 }
 
-// out[i] = in[o] for every member i of output token o, scaled by w_i / size_out[o] when size_out is given
-// and o has several members (merge backward; a lone member gets a copy). With rep_only, rep(o) gets in[o]
-// and the sources get zero (pos passthrough backward).
+// out[n] = in[o] for every token n of output token o, times w_n / size_out[o] when size_out is given and n
+// belongs to a merged group (merge backward); unmerge copies. With rep_only, sources get zero (pos
+// passthrough backward).
 template <class scalar_t, class acc_t>
 void spread_groups(const Groups& g, const scalar_t* in, scalar_t* out, int64_t channels, const acc_t* weight,
                    const acc_t* size_out, bool rep_only) {
-  const int64_t num_tokens = g.layout().num_tokens, num_out = g.num_out();
-  parallel_chunks(g.batch() * num_out, row_grain(channels), [&](int64_t begin, int64_t end) {
+  parallel_chunks(g.batch() * g.num_tokens(), row_grain(channels), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / num_out, o = t % num_out, rep = g.representative(b, o);
-      const scalar_t* row = in + t * channels;
-      scalar_t* base = out + b * num_tokens * channels;
-      const int64_t *first = g.sources_begin(b, o), *last = g.sources_end(b, o);
-      if (rep_only || size_out == nullptr || first == last) {
-        std::copy(row, row + channels, base + rep * channels);
-        for (const int64_t* m = first; m != last; ++m) {
-          scalar_t* dst = base + *m * channels;
-          if (rep_only) {
-            std::fill(dst, dst + channels, scalar_t(0));
-          } else {
-            std::copy(row, row + channels, dst);
-          }
-        }
-        continue;
-      }
-      const acc_t* w = weight == nullptr ? nullptr : weight + b * num_tokens;
-      const acc_t s = size_out[t];
-      auto put = [&](int64_t i) {
-        const acc_t share = (w == nullptr ? acc_t(1) : w[i]) / s;
-        scalar_t* dst = base + i * channels;
+      const auto role = g.role(t);
+      const int64_t o = g.output_of(t);
+      const scalar_t* row = in + o * channels;
+      scalar_t* dst = out + t * channels;
+      if (rep_only && role == Groups::kSource) {
+        std::fill(dst, dst + channels, scalar_t(0));
+      } else if (role == Groups::kAlone || rep_only || size_out == nullptr) {
+        copy_row(row, dst, channels);
+      } else {
+        const acc_t share = (weight == nullptr ? acc_t(1) : weight[t]) / size_out[o];
         for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * share);
-      };
-      put(rep);
-      for (const int64_t* m = first; m != last; ++m) put(*m);
+      }
     }
   });
 }
 
-// size_out[o] = sum of the members' weights (1 each without size).
+// size_out[o] = sum of the members' weights (1 each without size), in the order reduce_groups uses.
 template <class acc_t>
 void group_sizes(const Groups& g, const acc_t* weight, acc_t* size_out) {
-  const int64_t num_tokens = g.layout().num_tokens, num_out = g.num_out();
-  for (int64_t t = 0; t < g.batch() * num_out; ++t) {
-    const int64_t b = t / num_out, o = t % num_out;
-    const acc_t* w = weight == nullptr ? nullptr : weight + b * num_tokens;
-    const int64_t *first = g.sources_begin(b, o), *last = g.sources_end(b, o);
-    acc_t total = w == nullptr ? acc_t(1) : w[g.representative(b, o)];
-    for (const int64_t* m = first; m != last; ++m) total += w == nullptr ? acc_t(1) : w[*m];
-    size_out[t] = total;
+  for (int64_t t = 0; t < g.batch() * g.num_tokens(); ++t) {
+    if (g.role(t) == Groups::kAlone) size_out[g.output_of(t)] = weight == nullptr ? acc_t(1) : weight[t];
+  }
+  const int64_t num_tokens = g.num_tokens(), num_out = g.num_out();
+  for (int64_t k = 0; k < g.num_merged(); ++k) {
+    const int64_t o = g.merged_output(k), base = (o / num_out) * num_tokens;
+    acc_t total = 0;
+    for (const int64_t* m = g.members_begin(k); m != g.members_end(k); ++m) {
+      total += weight == nullptr ? acc_t(1) : weight[base + *m];
+    }
+    size_out[o] = total;
   }
 }
 
