@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "common.h"
@@ -20,31 +22,71 @@ namespace {
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 constexpr int64_t kTileScores = 32768;  // scores per tile: 128 KB in fp32
 
-// dst = row / max(||row||, eps), in the accumulation dtype.
-template <class scalar_t, class acc_t>
-void normalise_row(const scalar_t* row, acc_t* dst, int64_t channels) {
-  acc_t squares = 0;
-  for (int64_t c = 0; c < channels; ++c) {
-    dst[c] = static_cast<acc_t>(row[c]);
-    squares += dst[c] * dst[c];
-  }
-  const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
-  for (int64_t c = 0; c < channels; ++c) dst[c] /= norm;
-}
+constexpr int kLanes = 8;  // independent partial results, so that the compiler vectorises the loops
 
-// Index of the first maximum of row[0, n) (NaN counts as the maximum, as torch.max), n >= 1.
-template <class acc_t>
-int64_t first_argmax(const acc_t* row, int64_t n, acc_t* best) {
-  int64_t index = 0;
-  acc_t value = row[0];
-  for (int64_t j = 1; j < n; ++j) {
-    if (!(row[j] <= value) && value == value) {
-      value = row[j];
-      index = j;
+// dst = row / max(||row||, eps), in the accumulation dtype. Returns whether dst holds a NaN (from a NaN or
+// an infinite input): every score of such a token is NaN.
+template <class scalar_t, class acc_t>
+bool normalise_row(const scalar_t* row, acc_t* dst, int64_t channels) {
+  acc_t partial[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      dst[c + l] = static_cast<acc_t>(row[c + l]);
+      partial[l] += dst[c + l] * dst[c + l];
     }
   }
-  *best = value;
-  return index;
+  for (; c < channels; ++c) {
+    dst[c] = static_cast<acc_t>(row[c]);
+    partial[0] += dst[c] * dst[c];
+  }
+  acc_t squares = 0;
+  for (int l = 0; l < kLanes; ++l) squares += partial[l];
+  const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
+  for (c = 0; c < channels; ++c) dst[c] /= norm;
+  if (std::isfinite(squares)) return false;  // finite inputs: |dst| <= 1
+  return std::any_of(dst, dst + channels, [](acc_t v) { return std::isnan(v); });
+}
+
+// Index of the first maximum of row[0, n), n >= 1, of a row without NaN: a running maximum per lane of a
+// 16-byte GCC/Clang vector (strict >, so each lane keeps its first), then the lowest index among the lanes
+// holding the maximum. The compiler does not vectorise a plain loop with a per-element index update, and
+// scalarises vector selects ("?:", or vectors wider than SSE2's): hence 16 bytes and bit-operation selects.
+template <class acc_t>
+int64_t first_argmax(const acc_t* row, int64_t n, acc_t* best) {
+  constexpr int kWidth = 16 / sizeof(acc_t);
+  typedef acc_t Values __attribute__((vector_size(16)));
+  using Mask = decltype(Values{} > Values{});  // integer lanes as wide as acc_t
+  using Index = decltype(Mask{}[0] + 0);
+  Values value;
+  Mask index, lane;
+  for (int l = 0; l < kWidth; ++l) {
+    value[l] = row[0];
+    index[l] = 0;
+    lane[l] = l;
+  }
+  int64_t j = 0;
+  for (; j + kWidth <= n; j += kWidth) {
+    Values next;
+    std::memcpy(&next, row + j, sizeof(next));
+    const Mask greater = next > value;
+    value = reinterpret_cast<Values>((reinterpret_cast<Mask>(next) & greater) |
+                                     (reinterpret_cast<Mask>(value) & ~greater));
+    index = ((lane + static_cast<Index>(j)) & greater) | (index & ~greater);
+  }
+  for (; j < n; ++j) {  // the tail: indices above every lane's
+    const int64_t l = j % kWidth;
+    if (row[j] > value[l]) {
+      value[l] = row[j];
+      index[l] = j;
+    }
+  }
+  int l_best = 0;
+  for (int l = 1; l < kWidth; ++l) {
+    if (value[l] > value[l_best] || (value[l] == value[l_best] && index[l] < index[l_best])) l_best = l;
+  }
+  *best = value[l_best];
+  return index[l_best];
 }
 
 template <class scalar_t, class acc_t>
@@ -59,8 +101,9 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     return;
   }
   const auto options = metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  // Normalised tokens [batch, N, C] (protected rows left unset: never read).
+  // Normalised tokens [batch, N, C] (protected rows left unset: never read), and which hold a NaN.
   at::Tensor normalised = at::empty({batch, num_tokens, channels}, options);
+  std::vector<uint8_t> has_nan(batch * num_tokens, 0);
   {
     const scalar_t* in = metric.const_data_ptr<scalar_t>();
     acc_t* out = normalised.mutable_data_ptr<acc_t>();
@@ -69,9 +112,17 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
                     [&](int64_t begin, int64_t end) {
                       for (int64_t i = begin; i < end; ++i) {
                         const int64_t n = (i / rows) * num_tokens + layout.protected_tokens + i % rows;
-                        normalise_row(in + n * channels, out + n * channels, channels);
+                        has_nan[n] = normalise_row(in + n * channels, out + n * channels, channels);
                       }
                     });
+  }
+  // As torch.max: a score row with a NaN has the maximum NaN at its first NaN, which is column 0 when the A
+  // token holds a NaN, else the first B token that does. -1: no B token of the batch row holds a NaN.
+  std::vector<int64_t> first_nan_b(batch, -1);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = nb - 1; j >= 0; --j) {
+      if (has_nan[b * num_tokens + layout.b_position(j)]) first_nan_b[b] = j;
+    }
   }
 
   std::vector<acc_t> best_score(batch * na, acc_t(0));
@@ -94,7 +145,15 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
                     b_rows.narrow(0, b0, rows).transpose(1, 2));
         const acc_t* s = scores.const_data_ptr<acc_t>();
         for (int64_t b = b0; b < b0 + rows; ++b) {
-          for (int64_t i = first; i < first + count; ++i, s += nb) best_b[b * na + i] = first_argmax(s, nb, &best_score[b * na + i]);
+          for (int64_t i = first; i < first + count; ++i, s += nb) {
+            const int64_t a = b * na + i;
+            if (has_nan[b * num_tokens + layout.a_position(i)] || first_nan_b[b] >= 0) {
+              best_score[a] = std::numeric_limits<acc_t>::quiet_NaN();
+              best_b[a] = has_nan[b * num_tokens + layout.a_position(i)] ? 0 : first_nan_b[b];
+            } else {
+              best_b[a] = first_argmax(s, nb, &best_score[a]);
+            }
+          }
         }
       }
     });
