@@ -74,6 +74,12 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
   TORCH_CHECK(t.device() == like.device(), "tome: ", name, " must be on ", like.device(), ", got ", t.device());
 }
 
+// r, the number of merges an index triple describes.
+inline int64_t num_merges(const at::Tensor& src_idx) {
+  TORCH_CHECK(src_idx.dim() == 2, "tome: src_idx must be [batch, r], got shape ", src_idx.sizes());
+  return src_idx.size(1);
+}
+
 // Checks an index triple for `num_tokens` input tokens and returns its layout (r = src_idx.size(1)).
 // Values are checked on the device by make_plan (merge.cu) and, on request, by the Python layer.
 inline Layout check_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx,
