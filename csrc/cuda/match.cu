@@ -10,6 +10,7 @@
 //    rank order.
 // 4. unmerged_order_kernel (protected >= 1): unmerged A tokens in ascending position, slot = number of
 //    unmerged A tokens before it.
+// With r == 0 nothing is ranked: unm_idx is every A token in ascending position (reference.py).
 #include "common.cuh"
 
 namespace tome::cuda {
@@ -197,6 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
   at::Tensor src_idx = at::empty({batch, layout.r}, long_options);
   at::Tensor dst_idx = at::empty({batch, layout.r}, long_options);
   if (batch == 0 || num_a == 0) return {unm_idx, src_idx, dst_idx};
+  if (layout.r == 0) {  // no merges: every A token stays, in ascending position
+    unm_idx.copy_(at::arange(layout.first_a(), num_tokens, 2, long_options).expand({batch, num_a}));
+    return {unm_idx, src_idx, dst_idx};
+  }
 
   const auto acc_options = metric.options().dtype(acc_dtype(metric.scalar_type()));
   const auto int_options = metric.options().dtype(at::kInt);

@@ -50,10 +50,12 @@ __global__ void plan_kernel(const int64_t* unm_idx, const int64_t* src_idx, cons
   if (t <= num_b) offsets[b * (num_b + 1) + t] = static_cast<int32_t>(destination_offset(layout, dst, t));
 }
 
-Plan make_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx, const Layout& layout,
+// The plan of the layout the ops apply (Layout::effective: r == 0 leaves every token in place).
+Plan make_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx, const Layout& checked,
                int64_t batch) {
-  TORCH_CHECK(layout.num_tokens <= std::numeric_limits<int32_t>::max(), "tome: N=", layout.num_tokens,
+  TORCH_CHECK(checked.num_tokens <= std::numeric_limits<int32_t>::max(), "tome: N=", checked.num_tokens,
               " tokens is too many");
+  const Layout layout = checked.effective();
   const auto int_options = unm_idx.options().dtype(at::kInt);
   Plan plan{layout, batch, unm_idx.contiguous(), at::full({batch, layout.num_tokens}, -1, int_options),
             at::empty({batch, layout.num_b() + 1}, int_options), at::empty({batch, layout.r}, int_options)};

@@ -60,6 +60,10 @@ struct Layout {
     return pos >= first_b() && pos < num_tokens && ((pos - first_b()) & 1) == 0;
   }
 
+  // The layout the ops apply: with no merges (r == 0) every op returns its input unchanged and in order
+  // (reference.py), which is what this layout gives when every token counts as protected.
+  TOME_HOST_DEVICE Layout effective() const { return r == 0 ? Layout{num_tokens, num_tokens, 0} : *this; }
+
   // Input position representing output token `o` (a merged group is represented by its B token).
   TOME_HOST_DEVICE int64_t representative(int64_t o, const int64_t* unm_idx) const {
     if (o < protected_tokens) return o;
