@@ -42,7 +42,8 @@ int main() {
     std::vector<int64_t> members(layout.r);
     tome::invert_destinations(layout, src.data(), dst.data(), offsets.data(), members.data());
     for (int64_t j = 0; j <= layout.num_b(); ++j)
-      if (tome::destination_offset(layout, dst.data(), j) != offsets[j]) return fail("destination_offset", n, p, layout.r);
+      if (tome::destination_offset(layout, dst.data(), j) != offsets[j])
+        return fail("destination_offset", n, p, layout.r);
     for (int64_t k = 0; k < layout.r; ++k)
       if (members[tome::member_index(layout, dst.data(), k)] != src[k]) return fail("member_index", n, p, layout.r);
 

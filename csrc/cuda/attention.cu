@@ -48,7 +48,8 @@ __device__ void load_tile(acc* tile, const scalar_t* src, int64_t row0, int64_t 
 // dst[d] = src[row][d], zero past `rows` (the calling warp loads).
 template <typename scalar_t, typename acc>
 __device__ void load_row(acc* dst, const scalar_t* src, int64_t row, int64_t rows, int head_dim, int lane) {
-  for (int d = lane; d < head_dim; d += kWarpSize) dst[d] = row < rows ? static_cast<acc>(src[row * head_dim + d]) : acc(0);
+  for (int d = lane; d < head_dim; d += kWarpSize)
+    dst[d] = row < rows ? static_cast<acc>(src[row * head_dim + d]) : acc(0);
 }
 
 template <typename acc>
@@ -73,7 +74,8 @@ __device__ __forceinline__ void accumulate(acc (&out)[kChunks], acc coef, const 
 }
 
 template <typename scalar_t, typename acc>
-__device__ __forceinline__ void store_row(scalar_t* dst, const acc (&row)[kChunks], acc factor, int head_dim, int lane) {
+__device__ __forceinline__ void store_row(scalar_t* dst, const acc (&row)[kChunks], acc factor, int head_dim,
+                                          int lane) {
 #pragma unroll
   for (int t = 0; t < kChunks; ++t) {
     const int d = lane + t * kWarpSize;
@@ -343,8 +345,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto acc_type = acc_dtype(q_in.scalar_type());
   check_device(lse_in, "lse", q_in);
-  TORCH_CHECK(lse_in.scalar_type() == acc_type && lse_in.sizes() == q_in.sizes().slice(0, 3), "tome: lse must be ",
-              acc_type, " [B, H, Nq] = ", q_in.sizes().slice(0, 3), ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  const auto lse_shape = q_in.sizes().slice(0, 3);
+  TORCH_CHECK(lse_in.scalar_type() == acc_type && lse_in.sizes() == lse_shape, "tome: lse must be ", acc_type,
+              " [B, H, Nq] = ", lse_shape, ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const auto key_size = size_as(size, "size", q, s.nk, acc_type);

@@ -55,7 +55,8 @@ __device__ __forceinline__ T warp_sum(T value) {
 template <typename T>
 __device__ __forceinline__ T warp_max(T value) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = max(value, __shfl_xor_sync(kFullMask, value, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    value = max(value, __shfl_xor_sync(kFullMask, value, offset));
   return value;
 }
 

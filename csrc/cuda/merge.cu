@@ -175,8 +175,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t p = lane; p < packs; p += kWarpSize) out_row[p] = in_row[p];
     return;
   }
-  const acc share =
-      MODE == Spread::kShare ? (size == nullptr ? acc(1) : size[b * num_tokens + i]) / size_out[b * num_out + o] : acc(0);
+  if (MODE == Spread::kRepresentative) {  // a source: zeros, whatever the gradient holds (inf, NaN)
+    const P zero{};
+    for (int64_t p = lane; p < packs; p += kWarpSize) out_row[p] = zero;
+    return;
+  }
+  const acc share = (size == nullptr ? acc(1) : size[b * num_tokens + i]) / size_out[b * num_out + o];
   for (int64_t p = lane; p < packs; p += kWarpSize) {
     const P g = in_row[p];
     P result;
