@@ -5,6 +5,7 @@
 Environment:
     TOME_BUILD_CUDA=0|1  skip / require the CUDA sources (default: build them when possible)
     TOME_SANITIZE=1      ASan + UBSan build of the C++ sources (see docs/RELIABILITY.md)
+    TOME_CUDA_WERROR=1   nvcc warnings are errors (.ci/build_cuda.sh; see docs/CUDA.md)
     TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100) when no GPU is visible
 """
 
@@ -45,6 +46,8 @@ def _extension():
     if _want_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fopenmp"]
+        if os.environ.get("TOME_CUDA_WERROR") == "1":  # .ci/build_cuda.sh: the CUDA sources build warning-free
+            nvcc += ["-Werror", "all-warnings"]
         return CUDAExtension("tome_kernels._C", sources + cuda_sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx + ["-DTOME_WITH_CUDA"], "nvcc": nvcc},
                              extra_link_args=link)

@@ -48,6 +48,22 @@ struct Layout {
   // Output index of output-order B token j, and of the B token at position `pos`.
   TOME_HOST_DEVICE int64_t b_output(int64_t j) const { return protected_tokens + num_unmerged() + j; }
   TOME_HOST_DEVICE int64_t b_output_of_position(int64_t pos) const { return b_output(b_slot(pos)); }
+  // Output-order B token j of output token `o`, or -1 when `o` is a protected or unmerged A token.
+  TOME_HOST_DEVICE int64_t b_of_output(int64_t o) const {
+    const int64_t j = o - protected_tokens - num_unmerged();
+    return j >= 0 ? j : -1;
+  }
+  // Whether `pos` is a valid non-protected A (even) / B (odd) position: index tensors hold nothing else.
+  TOME_HOST_DEVICE bool is_a_position(int64_t pos) const {
+    return pos >= first_a() && pos < num_tokens && ((pos - first_a()) & 1) == 0;
+  }
+  TOME_HOST_DEVICE bool is_b_position(int64_t pos) const {
+    return pos >= first_b() && pos < num_tokens && ((pos - first_b()) & 1) == 0;
+  }
+
+  // The layout the ops apply: with no merges (r == 0) every op returns its input unchanged and in order
+  // (reference.py), which is what this layout gives when every token counts as protected.
+  TOME_HOST_DEVICE Layout effective() const { return r == 0 ? Layout{num_tokens, num_tokens, 0} : *this; }
 
   // Input position representing output token `o` (a merged group is represented by its B token).
   TOME_HOST_DEVICE int64_t representative(int64_t o, const int64_t* unm_idx) const {
@@ -78,6 +94,26 @@ TOME_HOST_DEVICE void invert_destinations(const Layout& layout, const int64_t* s
   for (int64_t k = 0; k < layout.r; ++k) members[offsets[layout.b_slot(dst_idx[k])]++] = src_idx[k];
   for (int64_t j = nb; j > 0; --j) offsets[j] = offsets[j - 1];
   offsets[0] = 0;
+}
+
+// The same offsets and members as invert_destinations, one entry at a time, for one thread per entry
+// (GPU): O(r) each, no shared cursor, so any number of threads fill them without atomics.
+// offsets[j]: how many sources merge into B tokens before j.
+TOME_HOST_DEVICE int64_t destination_offset(const Layout& layout, const int64_t* dst_idx, int64_t j) {
+  int64_t count = 0;
+  for (int64_t k = 0; k < layout.r; ++k) count += layout.b_slot(dst_idx[k]) < j;
+  return count;
+}
+
+// Where source k goes in members: sources ordered by (destination B token, k).
+TOME_HOST_DEVICE int64_t member_index(const Layout& layout, const int64_t* dst_idx, int64_t k) {
+  const int64_t slot = layout.b_slot(dst_idx[k]);
+  int64_t index = 0;
+  for (int64_t m = 0; m < layout.r; ++m) {
+    const int64_t other = layout.b_slot(dst_idx[m]);
+    index += other < slot || (other == slot && m < k);
+  }
+  return index;
 }
 
 }  // namespace tome

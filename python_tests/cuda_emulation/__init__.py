@@ -1,0 +1,93 @@
+"""Runs the csrc/cuda kernels on the CPU: the sources, with a few lines rewritten to use emulation.h, are
+compiled as host C++ and registered as ``torch.ops.tome_emu._native_*`` (CPU kernels).
+
+This executes the real kernel code (indexing, tiling, barriers, shuffles, host launch code) where no GPU
+exists; it says nothing about speed, and floating-point contraction may differ from nvcc's. See
+emulation.h for what it checks beyond the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
+NAMESPACE = "tome_emu"
+NATIVE_OPS = ("_native_match", "_native_merge", "_native_merge_backward", "_native_unmerge",
+              "_native_unmerge_backward", "_native_attention", "_native_attention_backward")
+
+# (file pattern, exact text, replacement): each text must occur in every file the pattern names, so a
+# change to the CUDA sources that breaks the emulation fails loudly here.
+_EDITS = [
+    ("common.cuh", "#include <c10/cuda/CUDAException.h>\n#include <c10/cuda/CUDAGuard.h>\n"
+                   "#include <c10/cuda/CUDAStream.h>\n", '#include "emulation.h"\n'),
+    ("common.cuh", "kernel<<<grid_size(blocks), threads, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(args...);",
+     "emu::run(kernel, grid_size(blocks), threads, shared_bytes, args...);"),
+    ("common.cuh", "t.is_cuda()", "t.is_cpu()"),
+    ("attention.cu", "extern __shared__ __align__(16) unsigned char shared_memory[];",
+     "unsigned char* shared_memory = emu::shared_memory();"),
+    ("*.cu", "TORCH_LIBRARY_IMPL(tome, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)"),
+]
+# Fresh outputs are poisoned (NaN) so unwritten elements fail the comparisons.
+_EMPTY = re.compile(r"\bat::empty(_like)?\(")
+
+
+def _rewrite(name: str, text: str) -> str:
+    for pattern, old, new in _EDITS:
+        if pattern == name or (pattern == "*.cu" and name.endswith(".cu")):
+            if old not in text:
+                raise RuntimeError(f"cuda emulation: {name} no longer contains {old!r}; update {__file__}")
+            text = text.replace(old, new)
+    return _EMPTY.sub(lambda m: f"emu::empty{m.group(1) or ''}(", text)
+
+
+def default_build_dir() -> str:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    return os.path.join(root, "tome_cuda_emulation")
+
+
+def build(build_dir: str | os.PathLike | None = None) -> None:
+    """Compile (ninja rebuilds only what changed, about 2 minutes from scratch) and load the emulated
+    kernels into ``torch.ops.tome_emu``."""
+    build_dir = build_dir or default_build_dir()
+    import tome_kernels  # noqa: F401  (defines the tome schemas copied below)
+    from torch.utils.cpp_extension import load
+
+    src = pathlib.Path(build_dir) / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for path in sorted((ROOT / "csrc" / "cuda").iterdir()):
+        target = src / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
+        text = _rewrite(path.name, path.read_text())
+        if not target.exists() or target.read_text() != text:  # keep mtimes, so ninja rebuilds only changes
+            target.write_text(text)
+        if path.suffix == ".cu":
+            sources.append(str(target))
+    schemas = [str(getattr(torch.ops.tome, op).default._schema).replace("tome::", "") for op in NATIVE_OPS]
+    registry = src / "schemas.cpp"
+    text = "#include <torch/library.h>\n\nTORCH_LIBRARY(%s, m) {\n%s}\n" % (
+        NAMESPACE, "".join(f'  m.def("{s}");\n' for s in schemas))
+    if not registry.exists() or registry.read_text() != text:
+        registry.write_text(text)
+    load(name="tome_cuda_emulation", sources=sources + [str(registry)], build_directory=str(build_dir),
+         extra_include_paths=[str(ROOT / "csrc" / "include"), str(HERE)], extra_cflags=["-O2", "-g0"],
+         is_python_module=False, verbose=False)
+
+
+@contextlib.contextmanager
+def routed():
+    """Inside, the public tome ops send CPU tensors to the emulated CUDA kernels, the way the ``cuda``
+    backend sends CUDA tensors to the real ones (the same tome_kernels._native functions)."""
+    from tome_kernels import _native, _ops
+
+    saved = _native._native, _ops.resolve
+    _native._native, _ops.resolve = getattr(torch.ops, NAMESPACE), (lambda device: _native)
+    try:
+        yield
+    finally:
+        _native._native, _ops.resolve = saved
