@@ -1,11 +1,13 @@
 // Bipartite soft matching on CPU (spec: reference.match).
 //
 // 1. L2-normalise every non-protected token once, in the accumulation dtype: x / max(||x||, 1e-12).
-// 2. Scores a tile at a time (at most kTileScores of them, L2-sized, for any N): a band of A rows of one
-//    batch row against all its B rows or, when a batch row has fewer scores than that, several whole batch
-//    rows (one batched BLAS call instead of many small ones: ViT-B/16 has 98 x 98 scores per row). The
-//    product is at::bmm into a per-thread buffer, single-threaded inside the OpenMP region, followed by a
-//    running max/argmax per A row.
+// 2. Scores a tile at a time, never the whole nA x nB matrix: a band of A rows of one batch row against all
+//    its B rows (at most kBandScores scores, equal bands), or, when a whole batch row has fewer scores than
+//    kTileScores, several batch rows at once (one batched BLAS call instead of many small ones: ViT-B/16 has
+//    98 x 98 scores per row). The product is at::bmm into a per-thread buffer, single-threaded inside the
+//    OpenMP region, followed by a max/argmax per A row.
+// 3. Per batch row: stable descending sort of the best scores (ties -> lower A position); the first r are the
+//    sources, the rest unmerged (re-sorted by position when protected >= 1 or r = 0).
 // Tiles depend on the shapes only, not on the thread count, so results are bit-identical for any thread count.
 #include <torch/library.h>
 
@@ -20,7 +22,10 @@ namespace tome::cpu {
 namespace {
 
 constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
-constexpr int64_t kTileScores = 32768;  // scores per tile: 128 KB in fp32
+// Bands are large because each BLAS call packs all nB B rows again (DETR: 550 x 256): 512 KB of fp32 scores,
+// half an L2. Batch-row tiles stay smaller so that ViT-sized batches still split into many work items.
+constexpr int64_t kBandScores = 131072;
+constexpr int64_t kTileScores = 32768;
 
 constexpr int kLanes = 8;  // independent partial results, so that the compiler vectorises the loops
 
@@ -131,9 +136,10 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     // Strided views (row stride 2C) go to BLAS as they are: no de-interleaving copy.
     const at::Tensor a_rows = normalised.slice(1, layout.first_a(), num_tokens, 2);  // [batch, nA, C]
     const at::Tensor b_rows = normalised.slice(1, layout.first_b(), num_tokens, 2);  // [batch, nB, C]
-    const int64_t band = std::clamp<int64_t>(kTileScores / nb, 1, na);                 // A rows per tile
-    const int64_t rows_per_tile = band < na ? 1 : std::clamp<int64_t>(kTileScores / (na * nb), 1, batch);
-    const int64_t bands = (na + band - 1) / band, groups = (batch + rows_per_tile - 1) / rows_per_tile;
+    const int64_t max_band = std::max<int64_t>(1, kBandScores / nb);
+    const int64_t bands = (na + max_band - 1) / max_band, band = (na + bands - 1) / bands;  // A rows per tile
+    const int64_t rows_per_tile = bands > 1 ? 1 : std::clamp<int64_t>(kTileScores / (na * nb), 1, batch);
+    const int64_t groups = (batch + rows_per_tile - 1) / rows_per_tile;
     const int64_t tile_grain = std::max<int64_t>(1, 8 * kGrainElements / (rows_per_tile * band * nb * channels + 1));
     parallel_chunks(groups * bands, tile_grain, [&](int64_t begin, int64_t end) {
       at::Tensor buffer = at::empty({rows_per_tile * band * nb}, options);
