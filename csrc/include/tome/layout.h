@@ -3,6 +3,7 @@
 // N tokens; the first `protected` never merge. A = non-protected even positions, B = non-protected odd
 // positions; r (clamped to (N - protected) / 2) A tokens merge into B tokens. Output order:
 //   [protected tokens ; unmerged A (in unm_idx order) ; every B token in original order]
+// except when r = 0: then the output is the input, in its order (representative(o) = o).
 // Index tensors hold absolute token positions: unm_idx [nA - r], src_idx [r], dst_idx [r] per batch.
 // The spec is tome_kernels/reference.py; these functions are its integer arithmetic.
 #pragma once
@@ -66,7 +67,7 @@ struct Layout {
 
   // Input position representing output token `o` (a merged group is represented by its B token).
   TOME_HOST_DEVICE int64_t representative(int64_t o, const int64_t* unm_idx) const {
-    if (o < protected_tokens) return o;
+    if (o < protected_tokens || r == 0) return o;
     const int64_t u = o - protected_tokens;
     if (u < num_unmerged()) return unm_idx[u];
     return b_position(u - num_unmerged());

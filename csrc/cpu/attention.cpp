@@ -1,0 +1,68 @@
+// Proportional attention on CPU: softmax(q k^T * scale + log size) v and its backward (spec:
+// reference.attention). ATen's fused CPU flash-attention kernels take the bias as a float mask broadcast from
+// [B, 1, 1, Nk], so neither the logits nor the probabilities are ever materialised. The mask is kept in the
+// accumulation dtype (fp32 for half types: log(size) in bf16 would be off by up to 2^-8 relative), which
+// those kernels accept; they also return the row log-sum-exp (fp32 for half types, fp64 for fp64).
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace tome::cpu {
+namespace {
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_float("q", q, 4);
+  check_float("k", k, 4);
+  check_float("v", v, 4);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "tome: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+}
+
+// log(size) as a [B, 1, 1, Nk] mask in the accumulation dtype, or none.
+std::optional<at::Tensor> log_size_mask(const std::optional<at::Tensor>& size, const at::Tensor& k) {
+  if (!size.has_value()) return std::nullopt;
+  check_float("size", *size, 2);
+  check_shape("size", *size, {k.size(0), k.size(2)});
+  return size->to(acc_dtype(k.scalar_type())).log().view({k.size(0), 1, 1, k.size(2)});
+}
+
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& size, double scale) {
+  check_qkv(q, k, v);
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      q.contiguous(), k.contiguous(), v.contiguous(), /*dropout_p=*/0.0, /*is_causal=*/false, log_size_mask(size, k),
+      scale);
+  // lse comes back as a [B, Nq, H] buffer viewed as [B, H, Nq]; both outputs are fresh buffers.
+  return {out.contiguous(), lse.contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const std::optional<at::Tensor>& size,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  double scale) {
+  check_qkv(q, k, v);
+  check_shape("grad_out", grad_out, q.sizes());
+  check_shape("out", out, q.sizes());
+  check_shape("lse", lse, {q.size(0), q.size(1), q.size(2)});
+  TORCH_CHECK(lse.scalar_type() == acc_dtype(q.scalar_type()), "tome: lse must be ",
+              acc_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
+  auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
+      /*dropout_p=*/0.0, /*is_causal=*/false, log_size_mask(size, k), scale);
+  return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tome, CPU, m) {
+  m.impl("_native_attention", &attention);
+  m.impl("_native_attention_backward", &attention_backward);
+}
+
+}  // namespace tome::cpu

@@ -1,0 +1,204 @@
+// Bipartite soft matching on CPU (spec: reference.match).
+//
+// 1. L2-normalise every non-protected token once, in the accumulation dtype: x / max(||x||, 1e-12).
+// 2. Scores a tile at a time (at most kTileScores of them, L2-sized, for any N): a band of A rows of one
+//    batch row against all its B rows or, when a batch row has fewer scores than that, several whole batch
+//    rows (one batched BLAS call instead of many small ones: ViT-B/16 has 98 x 98 scores per row). The
+//    product is at::bmm into a per-thread buffer, single-threaded inside the OpenMP region, followed by a
+//    running max/argmax per A row.
+// Tiles depend on the shapes only, not on the thread count, so results are bit-identical for any thread count.
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "common.h"
+
+namespace tome::cpu {
+namespace {
+
+constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
+constexpr int64_t kTileScores = 32768;  // scores per tile: 128 KB in fp32
+
+constexpr int kLanes = 8;  // independent partial results, so that the compiler vectorises the loops
+
+// dst = row / max(||row||, eps), in the accumulation dtype. Returns whether dst holds a NaN (from a NaN or
+// an infinite input): every score of such a token is NaN.
+template <class scalar_t, class acc_t>
+bool normalise_row(const scalar_t* row, acc_t* dst, int64_t channels) {
+  acc_t partial[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= channels; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      dst[c + l] = static_cast<acc_t>(row[c + l]);
+      partial[l] += dst[c + l] * dst[c + l];
+    }
+  }
+  for (; c < channels; ++c) {
+    dst[c] = static_cast<acc_t>(row[c]);
+    partial[0] += dst[c] * dst[c];
+  }
+  acc_t squares = 0;
+  for (int l = 0; l < kLanes; ++l) squares += partial[l];
+  const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
+  for (c = 0; c < channels; ++c) dst[c] /= norm;
+  if (std::isfinite(squares)) return false;  // finite inputs: |dst| <= 1
+  return std::any_of(dst, dst + channels, [](acc_t v) { return std::isnan(v); });
+}
+
+// Index of the first maximum of row[0, n), n >= 1, of a row without NaN: a running maximum per lane of a
+// 16-byte GCC/Clang vector (strict >, so each lane keeps its first), then the lowest index among the lanes
+// holding the maximum. The compiler does not vectorise a plain loop with a per-element index update, and
+// scalarises vector selects ("?:", or vectors wider than SSE2's): hence 16 bytes and bit-operation selects.
+template <class acc_t>
+int64_t first_argmax(const acc_t* row, int64_t n, acc_t* best) {
+  constexpr int kWidth = 16 / sizeof(acc_t);
+  typedef acc_t Values __attribute__((vector_size(16)));
+  using Mask = decltype(Values{} > Values{});  // integer lanes as wide as acc_t
+  using Index = decltype(Mask{}[0] + 0);
+  Values value;
+  Mask index, lane;
+  for (int l = 0; l < kWidth; ++l) {
+    value[l] = row[0];
+    index[l] = 0;
+    lane[l] = l;
+  }
+  int64_t j = 0;
+  for (; j + kWidth <= n; j += kWidth) {
+    Values next;
+    std::memcpy(&next, row + j, sizeof(next));
+    const Mask greater = next > value;
+    value = reinterpret_cast<Values>((reinterpret_cast<Mask>(next) & greater) |
+                                     (reinterpret_cast<Mask>(value) & ~greater));
+    index = ((lane + static_cast<Index>(j)) & greater) | (index & ~greater);
+  }
+  for (; j < n; ++j) {  // the tail: indices above every lane's
+    const int64_t l = j % kWidth;
+    if (row[j] > value[l]) {
+      value[l] = row[j];
+      index[l] = j;
+    }
+  }
+  int l_best = 0;
+  for (int l = 1; l < kWidth; ++l) {
+    if (value[l] > value[l_best] || (value[l] == value[l_best] && index[l] < index[l_best])) l_best = l;
+  }
+  *best = value[l_best];
+  return index[l_best];
+}
+
+template <class scalar_t, class acc_t>
+void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch, int64_t* unm_idx,
+                  int64_t* src_idx, int64_t* dst_idx) {
+  const int64_t num_tokens = layout.num_tokens, channels = metric.size(2);
+  const int64_t na = layout.num_a(), nb = layout.num_b(), r = layout.r, nu = layout.num_unmerged();
+  if (r == 0) {  // nothing merges: no scores needed, the A tokens stay in order
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t k = 0; k < na; ++k) unm_idx[b * na + k] = layout.a_position(k);
+    }
+    return;
+  }
+  const auto options = metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // Normalised tokens [batch, N, C] (protected rows left unset: never read), and which hold a NaN.
+  at::Tensor normalised = at::empty({batch, num_tokens, channels}, options);
+  std::vector<uint8_t> has_nan(batch * num_tokens, 0);
+  {
+    const scalar_t* in = metric.const_data_ptr<scalar_t>();
+    acc_t* out = normalised.mutable_data_ptr<acc_t>();
+    const int64_t rows = num_tokens - layout.protected_tokens;
+    parallel_chunks(batch * rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(channels, 1)),
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t i = begin; i < end; ++i) {
+                        const int64_t n = (i / rows) * num_tokens + layout.protected_tokens + i % rows;
+                        has_nan[n] = normalise_row(in + n * channels, out + n * channels, channels);
+                      }
+                    });
+  }
+  // As torch.max: a score row with a NaN has the maximum NaN at its first NaN, which is column 0 when the A
+  // token holds a NaN, else the first B token that does. -1: no B token of the batch row holds a NaN.
+  std::vector<int64_t> first_nan_b(batch, -1);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = nb - 1; j >= 0; --j) {
+      if (has_nan[b * num_tokens + layout.b_position(j)]) first_nan_b[b] = j;
+    }
+  }
+
+  std::vector<acc_t> best_score(batch * na, acc_t(0));
+  std::vector<int64_t> best_b(batch * na, 0);
+  if (nb > 0 && na > 0) {
+    // Strided views (row stride 2C) go to BLAS as they are: no de-interleaving copy.
+    const at::Tensor a_rows = normalised.slice(1, layout.first_a(), num_tokens, 2);  // [batch, nA, C]
+    const at::Tensor b_rows = normalised.slice(1, layout.first_b(), num_tokens, 2);  // [batch, nB, C]
+    const int64_t band = std::clamp<int64_t>(kTileScores / nb, 1, na);                 // A rows per tile
+    const int64_t rows_per_tile = band < na ? 1 : std::clamp<int64_t>(kTileScores / (na * nb), 1, batch);
+    const int64_t bands = (na + band - 1) / band, groups = (batch + rows_per_tile - 1) / rows_per_tile;
+    const int64_t tile_grain = std::max<int64_t>(1, 8 * kGrainElements / (rows_per_tile * band * nb * channels + 1));
+    parallel_chunks(groups * bands, tile_grain, [&](int64_t begin, int64_t end) {
+      at::Tensor buffer = at::empty({rows_per_tile * band * nb}, options);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b0 = (item / bands) * rows_per_tile, rows = std::min(rows_per_tile, batch - b0);
+        const int64_t first = (item % bands) * band, count = std::min(band, na - first);
+        at::Tensor scores = buffer.narrow(0, 0, rows * count * nb).view({rows, count, nb});
+        at::bmm_out(scores, a_rows.narrow(0, b0, rows).narrow(1, first, count),
+                    b_rows.narrow(0, b0, rows).transpose(1, 2));
+        const acc_t* s = scores.const_data_ptr<acc_t>();
+        for (int64_t b = b0; b < b0 + rows; ++b) {
+          for (int64_t i = first; i < first + count; ++i, s += nb) {
+            const int64_t a = b * na + i;
+            if (has_nan[b * num_tokens + layout.a_position(i)] || first_nan_b[b] >= 0) {
+              best_score[a] = std::numeric_limits<acc_t>::quiet_NaN();
+              best_b[a] = has_nan[b * num_tokens + layout.a_position(i)] ? 0 : first_nan_b[b];
+            } else {
+              best_b[a] = first_argmax(s, nb, &best_score[a]);
+            }
+          }
+        }
+      }
+    });
+  }
+
+  parallel_chunks(batch, std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(na);
+    for (int64_t b = begin; b < end; ++b) {
+      const acc_t* score = best_score.data() + b * na;
+      // Descending, NaN first (as torch.sort); stable, so ties keep the lower A position first.
+      auto key = [&](int64_t i) { return std::isnan(score[i]) ? INFINITY : score[i]; };
+      std::iota(order.begin(), order.end(), int64_t(0));
+      std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return key(i) > key(j); });
+      for (int64_t k = 0; k < r; ++k) {
+        src_idx[b * r + k] = layout.a_position(order[k]);
+        dst_idx[b * r + k] = layout.b_position(best_b[b * na + order[k]]);
+      }
+      if (layout.protected_tokens >= 1 || r == 0) std::sort(order.begin() + r, order.end());
+      for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(order[r + k]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
+  check_float("metric", metric_in, 3);
+  const int64_t batch = metric_in.size(0), num_tokens = metric_in.size(1);
+  TORCH_CHECK(r >= 0, "tome: r must be >= 0, got ", r);
+  TORCH_CHECK(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
+              num_tokens, "], got ", protected_tokens);
+  const Layout layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
+  const at::Tensor metric = metric_in.contiguous();
+  const auto index_options = metric.options().dtype(at::kLong);
+  at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
+  at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
+  at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
+  dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
+    match_kernel<decltype(data), decltype(accum)>(metric, layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
+                                                  src_idx.mutable_data_ptr<int64_t>(),
+                                                  dst_idx.mutable_data_ptr<int64_t>());
+  });
+  return {unm_idx, src_idx, dst_idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tome, CPU, m) { m.impl("_native_match", &match); }
+
+}  // namespace tome::cpu
