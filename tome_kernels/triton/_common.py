@@ -55,6 +55,9 @@ def autotune_configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
     return gpu_configs[:1] if INTERPRET else gpu_configs
 
 
+_ALIGNED_COUNTS = ("channels", "pos_channels", "head_dim")
+
+
 @dataclasses.dataclass(frozen=True)
 class AotSpec:
     """One compile of one kernel for ``python -m tome_kernels.aot``.
@@ -70,6 +73,15 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     floats: tuple = ()
+
+    def attrs(self) -> dict:
+        """Divisibility-by-16 hints as the JIT derives them on the hot path: 16-byte aligned tensors, and
+        strides / channel counts that are multiples of 16 (ViT-B, DETR). Token counts are never specialized
+        (``do_not_specialize``: N shrinks every layer)."""
+        aligned = [i for i, name in enumerate(self.kernel.arg_names)
+                   if name not in self.constexprs and name not in self.floats
+                   and (name in self.pointers or name.startswith("stride_") or name in _ALIGNED_COUNTS)]
+        return {(i,): [["tt.divisibility", 16]] for i in aligned}
 
     def signature(self) -> dict:
         sig = {}

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import INTERPRET, AotSpec, AOT_DTYPES, acc_dtype, device_guard, next_pow2
+from ._common import AotSpec, AOT_DTYPES, acc_dtype, device_guard, next_pow2
 
 
 @triton.jit
@@ -64,52 +64,46 @@ def _count_sources(slot, dst_ptr, r, first_b, BLOCK_T: tl.constexpr, BLOCK_R: tl
 
 
 @triton.jit
-def _gather_reduce(out_ptr, out_row, x_ptr, stride_xn, stride_xc, size_ptr, src_ptr, dst_ptr,
-                   rep, slot, mask_o, cols, mask_c, r, first_b,
-                   MEMBERS: tl.constexpr, WEIGHTED: tl.constexpr, HAS_SIZE: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``out[o] = sum_{i in group o} w_i x_i (/ sum w_i if WEIGHTED)``, singletons copied; returns sum w_i."""
+def _gather_reduce(out_ptr, out_row, x_ptr, stride_xn, stride_xc, size_ptr, has_size, src_ptr, dst_ptr,
+                   rep, slot, mask_o, cols, mask_c, r, first_b, members,
+                   MEAN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``out[o] = sum_{i in group o} w_i x_i / sum w_i`` (MEAN, w = size or 1) or ``sum_i x_i``; singletons
+    (and every row when ``members`` is 0: pos passthrough) are stored as loaded. Returns ``sum w_i``."""
     mask = mask_o[:, None] & mask_c[None, :]
     x_rep = tl.load(x_ptr + rep[:, None] * stride_xn + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    if MEMBERS:
-        if HAS_SIZE:
-            w_sum = tl.load(size_ptr + rep, mask=mask_o, other=1.0).to(ACC_DTYPE)
-        else:
-            w_sum = tl.full([BLOCK_T], 1.0, dtype=ACC_DTYPE)
-        acc = x_rep.to(ACC_DTYPE) * w_sum[:, None] if WEIGHTED else x_rep.to(ACC_DTYPE)
-        count = tl.zeros([BLOCK_T], dtype=tl.int32)
-        local = tl.arange(0, BLOCK_R)
-        r_tile = tl.where(tl.max(slot, axis=0) >= 0, r, 0)  # tiles without B outputs skip the loop
-        for k0 in range(0, r_tile, BLOCK_R):
-            in_group = _in_group(slot, dst_ptr, k0, r, first_b, BLOCK_R)
-            n_here = tl.sum(in_group.to(tl.int32), axis=1)
-            count += n_here
-            # Walk each row's members in k (src_idx) order: the next one is the smallest k past the last.
-            last = tl.full([BLOCK_T], -1, dtype=tl.int32)
-            for _ in range(0, tl.max(n_here, axis=0)):
-                last = tl.min(tl.where(in_group & (local[None, :] > last[:, None]), local[None, :], BLOCK_R),
-                              axis=1)
-                member = last < BLOCK_R
-                src = tl.load(src_ptr + k0 + last, mask=member, other=0)
-                x_src = tl.load(x_ptr + src[:, None] * stride_xn + cols[None, :] * stride_xc,
-                                mask=member[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-                if HAS_SIZE:
-                    w = tl.load(size_ptr + src, mask=member, other=0.0).to(ACC_DTYPE)
-                else:
-                    w = member.to(ACC_DTYPE)
+    w_sum = tl.load(size_ptr + rep, mask=mask_o & (has_size != 0), other=1.0).to(ACC_DTYPE)
+    acc = x_rep.to(ACC_DTYPE) * w_sum[:, None] if MEAN else x_rep.to(ACC_DTYPE)
+    count = tl.zeros([BLOCK_T], dtype=tl.int32)
+    local = tl.arange(0, BLOCK_R)
+    # Tiles without B outputs (and pos passthrough) skip the member search.
+    r_tile = tl.where((tl.max(slot, axis=0) >= 0) & (members != 0), r, 0)
+    for k0 in range(0, r_tile, BLOCK_R):
+        in_group = _in_group(slot, dst_ptr, k0, r, first_b, BLOCK_R)
+        n_here = tl.sum(in_group.to(tl.int32), axis=1)
+        count += n_here
+        # Walk each row's members in k (src_idx) order: the next one is the smallest k past the last.
+        last = tl.full([BLOCK_T], -1, dtype=tl.int32)
+        for _ in range(0, tl.max(n_here, axis=0)):
+            last = tl.min(tl.where(in_group & (local[None, :] > last[:, None]), local[None, :], BLOCK_R), axis=1)
+            member = last < BLOCK_R
+            src = tl.load(src_ptr + k0 + last, mask=member, other=0)
+            x_src = tl.load(x_ptr + src[:, None] * stride_xn + cols[None, :] * stride_xc,
+                            mask=member[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
+            if MEAN:
+                w = tl.load(size_ptr + src, mask=member & (has_size != 0), other=1.0).to(ACC_DTYPE)
+                w = tl.where(member, w, 0.0)
                 w_sum += w
-                acc += x_src * w[:, None] if WEIGHTED else x_src
-        if WEIGHTED:
-            acc = acc / w_sum[:, None]
-        result = tl.where((count > 0)[:, None], acc, x_rep.to(ACC_DTYPE)).to(out_ptr.dtype.element_ty)
-    else:
-        w_sum = tl.zeros([BLOCK_T], dtype=ACC_DTYPE)  # unused: only the x blocks write size_out
-        result = x_rep
+                acc += x_src * w[:, None]
+            else:
+                acc += x_src
+    if MEAN:
+        acc = acc / w_sum[:, None]
+    result = tl.where((count > 0)[:, None], acc, x_rep.to(ACC_DTYPE)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_row[:, None] + cols[None, :], result, mask=mask)
     return w_sum
 
 
-@triton.jit(do_not_specialize=["num_out", "protected", "num_unm", "r", "first_b"])
+@triton.jit(do_not_specialize=["num_tokens", "num_out", "protected", "num_unm", "r", "first_b"])
 def _merge_fwd_kernel(
     out_ptr, pos_out_ptr, size_out_ptr,  # [B, N - r, C], [B, N - r, Cp], [B, N - r] (contiguous)
     x_ptr, stride_xb, stride_xn, stride_xc,  # [B, N, C]
@@ -117,8 +111,9 @@ def _merge_fwd_kernel(
     size_ptr,  # [B, N] (contiguous)
     unm_ptr, src_ptr, dst_ptr,  # [B, nA - r], [B, r], [B, r] int64 (contiguous)
     num_tokens, num_out, channels, pos_channels, protected, num_unm, r, first_b, x_blocks,
-    MEAN: tl.constexpr, HAS_SIZE: tl.constexpr, HAS_POS: tl.constexpr, POS_MEAN: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    has_size, pos_mean,  # 0 / 1
+    MEAN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -130,39 +125,34 @@ def _merge_fwd_kernel(
     dst_ptr += batch * r
     size_ptr += batch * num_tokens
     rep, slot = _representatives(o, mask_o, unm_ptr, num_unm, protected, first_b)
-    out_row = (batch * num_out + o) * channels
     if pid_c < x_blocks:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        w_sum = _gather_reduce(out_ptr, out_row, x_ptr + batch * stride_xb, stride_xn, stride_xc, size_ptr,
-                               src_ptr, dst_ptr, rep, slot, mask_o, cols, cols < channels, r, first_b,
-                               True, MEAN, HAS_SIZE, ACC_DTYPE, BLOCK_T, BLOCK_R)
+        w_sum = _gather_reduce(out_ptr, (batch * num_out + o) * channels, x_ptr + batch * stride_xb, stride_xn,
+                               stride_xc, size_ptr, has_size, src_ptr, dst_ptr, rep, slot, mask_o, cols,
+                               cols < channels, r, first_b, 1, MEAN, ACC_DTYPE, BLOCK_T, BLOCK_R)
         if MEAN:
             if pid_c == 0:
                 tl.store(size_out_ptr + batch * num_out + o, w_sum.to(size_out_ptr.dtype.element_ty), mask=mask_o)
-    elif HAS_POS:
+    else:  # pos channel blocks (only in the grid when pos is given)
         cols = (pid_c - x_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         _gather_reduce(pos_out_ptr, (batch * num_out + o) * pos_channels, pos_ptr + batch * stride_pb,
-                       stride_pn, stride_pc, size_ptr, src_ptr, dst_ptr, rep, slot, mask_o, cols,
-                       cols < pos_channels, r, first_b, POS_MEAN, True, HAS_SIZE, ACC_DTYPE, BLOCK_T, BLOCK_R)
+                       stride_pn, stride_pc, size_ptr, has_size, src_ptr, dst_ptr, rep, slot, mask_o, cols,
+                       cols < pos_channels, r, first_b, pos_mean, MEAN, ACC_DTYPE, BLOCK_T, BLOCK_R)
 
 
 @triton.jit
-def _spread(out_ptr, out_row, g_ptr, stride_gn, stride_gc, size_ptr, size_out_ptr, dest, o, is_rep, singleton,
-            mask_t, cols, mask_c, SCALE: tl.constexpr, ZERO_SOURCES: tl.constexpr, HAS_SIZE: tl.constexpr,
-            ACC_DTYPE: tl.constexpr):
-    """Row ``dest`` of out <- g[o] (times ``size[dest] / size_out[o]`` unless singleton, if SCALE)."""
+def _spread(out_ptr, out_row, g_ptr, stride_gn, stride_gc, size_ptr, has_size, size_out_ptr, dest, o, is_rep,
+            passthrough, zero_sources, mask_t, cols, mask_c, SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Row ``dest`` of out <- g[o], times ``size[dest] / size_out[o]`` (SCALE) where not ``passthrough``;
+    zero for source items when ``zero_sources`` (pos kept: only the representative gets the gradient)."""
     mask = mask_t[:, None] & mask_c[None, :]
     g = tl.load(g_ptr + o[:, None] * stride_gn + cols[None, :] * stride_gc, mask=mask, other=0.0)
-    if ZERO_SOURCES:  # pos passthrough: only the representative gets the gradient
-        g = tl.where(is_rep[:, None], g, tl.zeros_like(g))
-    elif SCALE:
-        if HAS_SIZE:
-            w = tl.load(size_ptr + dest, mask=mask_t, other=1.0).to(ACC_DTYPE)
-        else:
-            w = tl.full(dest.shape, 1.0, dtype=ACC_DTYPE)
+    if SCALE:
+        w = tl.load(size_ptr + dest, mask=mask_t & (has_size != 0), other=1.0).to(ACC_DTYPE)
         share = w / tl.load(size_out_ptr + o, mask=mask_t, other=1.0).to(ACC_DTYPE)
         scaled = (g.to(ACC_DTYPE) * share[:, None]).to(g.dtype)
-        g = tl.where(singleton[:, None], g, scaled)
+        g = tl.where((passthrough | (zero_sources != 0))[:, None], g, scaled)
+        g = tl.where((is_rep | (zero_sources == 0))[:, None], g, tl.zeros_like(g))
     tl.store(out_ptr + out_row[:, None] + cols[None, :], g, mask=mask)
 
 
@@ -174,8 +164,9 @@ def _merge_bwd_kernel(
     size_ptr, size_out_ptr,  # [B, N], [B, N - r] (contiguous)
     unm_ptr, src_ptr, dst_ptr,  # [B, nA - r], [B, r], [B, r] int64 (contiguous)
     num_tokens, num_out, channels, pos_channels, protected, num_unm, r, first_b, x_blocks,
-    SCALE: tl.constexpr, HAS_SIZE: tl.constexpr, HAS_POS: tl.constexpr, POS_MEAN: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    has_size, pos_mean,  # 0 / 1
+    SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -196,28 +187,29 @@ def _merge_bwd_kernel(
     dst = tl.load(dst_ptr + k, mask=is_src, other=0)
     dest = tl.where(is_rep, rep, src)
     o = tl.where(is_rep, t, protected + num_unm + (dst - first_b) // 2)
-    if SCALE:
-        singleton = is_rep & (_count_sources(slot, dst_ptr, r, first_b, BLOCK_T, BLOCK_R) == 0)
+    if SCALE:  # a representative whose group has no sources is a singleton: its gradient passes unscaled
+        passthrough = is_rep & (_count_sources(slot, dst_ptr, r, first_b, BLOCK_T, BLOCK_R) == 0)
     else:
-        singleton = is_rep
-    out_row = (batch * num_tokens + dest) * channels
+        passthrough = is_rep | is_src
     if pid_c < x_blocks:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        _spread(out_ptr, out_row, g_ptr + batch * stride_gb, stride_gn, stride_gc, size_ptr, size_out_ptr, dest,
-                o, is_rep, singleton, mask_t, cols, cols < channels, SCALE, False, HAS_SIZE, ACC_DTYPE)
-    elif HAS_POS:
+        _spread(out_ptr, (batch * num_tokens + dest) * channels, g_ptr + batch * stride_gb, stride_gn, stride_gc,
+                size_ptr, has_size, size_out_ptr, dest, o, is_rep, passthrough, 0, mask_t, cols, cols < channels,
+                SCALE, ACC_DTYPE)
+    else:  # pos channel blocks (only in the grid when grad_pos is given)
         cols = (pid_c - x_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         _spread(pos_out_ptr, (batch * num_tokens + dest) * pos_channels, gpos_ptr + batch * stride_qb,
-                stride_qn, stride_qc, size_ptr, size_out_ptr, dest, o, is_rep, singleton, mask_t, cols,
-                cols < pos_channels, SCALE, not POS_MEAN, HAS_SIZE, ACC_DTYPE)
+                stride_qn, stride_qc, size_ptr, has_size, size_out_ptr, dest, o, is_rep, passthrough,
+                1 - pos_mean, mask_t, cols, cols < pos_channels, SCALE, ACC_DTYPE)
 
 
-# Launch shapes: memory-bound gathers; 32 tokens x up to 128 channels per program (16 KB of fp32 payload),
-# 128 sources per membership chunk. The interpreter (tests) takes bigger tiles: its cost is per program.
-BLOCK_T = 64 if INTERPRET else 32
-BLOCK_R = 128
+# Launch shapes: memory-bound gathers of 32 tokens x up to 128 channels per program (16-byte vector loads
+# with 8 warps), 64 sources per membership chunk. python -m tome_kernels.aot, sm_90 fp16: merge 107
+# registers, merge_backward 48, unmerge 30 (4 warps or 128-source chunks: 160-255).
+BLOCK_T = 32
+BLOCK_R = 64
 _MAX_BLOCK_C = 128
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 
 
 def _block_c(*channel_counts: int) -> int:
@@ -251,8 +243,8 @@ def _gather_launch(out, pos_out, size_out, x, pos, size, unm_idx, src_idx, dst_i
             out, pos_out if pos is not None else out, size_out if size_out is not None else out,
             x, *x.stride(), pos_t, *pos_t.stride(), x if size is None else size,
             unm_idx, src_idx, dst_idx, channels=channels, pos_channels=pos_channels, x_blocks=x_blocks, **layout,
-            MEAN=mean, HAS_SIZE=size is not None, HAS_POS=pos is not None, POS_MEAN=pos_mean,
-            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
+            has_size=int(size is not None), pos_mean=int(pos_mean), MEAN=mean, ACC_DTYPE=acc_dtype(x.dtype),
+            BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
 
 
 def _spread_launch(out, pos_out, g, gpos, size, size_out, unm_idx, src_idx, dst_idx, protected, scale, pos_mean):
@@ -272,8 +264,8 @@ def _spread_launch(out, pos_out, g, gpos, size, size_out, unm_idx, src_idx, dst_
             out, out if pos_out is None else pos_out, g, *g.stride(), gpos_t, *gpos_t.stride(),
             g if size is None else size, g if size_out is None else size_out.contiguous(),
             unm_idx, src_idx, dst_idx, channels=channels, pos_channels=pos_channels, x_blocks=x_blocks, **layout,
-            SCALE=scale, HAS_SIZE=size is not None, HAS_POS=gpos is not None, POS_MEAN=pos_mean,
-            ACC_DTYPE=acc_dtype(g.dtype), BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
+            has_size=int(size is not None), pos_mean=int(pos_mean), SCALE=scale, ACC_DTYPE=acc_dtype(g.dtype),
+            BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
 
 
 def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean):
@@ -311,30 +303,22 @@ def unmerge(y, unm_idx, src_idx, dst_idx, protected):
 
 
 def aot_specs() -> list[AotSpec]:
-    """Flags as the launchers pass them: merge (size, pos keep/mean), unmerge_backward; per x dtype."""
+    """One compile per op (merge / unmerge_backward, merge_backward / unmerge) and dtype: size and pos are
+    runtime flags (masked loads, grid), only the op is a constexpr."""
     indices = {"unm_ptr": "i64", "src_ptr": "i64", "dst_ptr": "i64"}
-    block = {"BLOCK_T": BLOCK_T, "BLOCK_C": _MAX_BLOCK_C, "BLOCK_R": BLOCK_R}
-    fwd_flags = [  # (label, MEAN, HAS_SIZE, HAS_POS, POS_MEAN)
-        ("merge size pos=keep", True, True, True, False), ("merge size pos=mean", True, True, True, True),
-        ("merge no-size no-pos", True, False, False, False), ("unmerge_backward", False, False, False, False)]
-    bwd_flags = [  # (label, SCALE, HAS_SIZE, HAS_POS, POS_MEAN)
-        ("merge_backward size pos=keep", True, True, True, False),
-        ("merge_backward size pos=mean", True, True, True, True),
-        ("merge_backward no-size no-pos", True, False, False, False), ("unmerge", False, False, False, False)]
+    block = {"ACC_DTYPE": tl.float32, "BLOCK_T": BLOCK_T, "BLOCK_C": _MAX_BLOCK_C, "BLOCK_R": BLOCK_R}
     specs = []
     for name in AOT_DTYPES:
-        for label, mean, has_size, has_pos, pos_mean in fwd_flags:
+        for label, mean in (("merge", True), ("unmerge_backward", False)):
             specs.append(AotSpec(
                 _merge_fwd_kernel, f"{name} {label}",
                 {"out_ptr": name, "pos_out_ptr": name, "size_out_ptr": name, "x_ptr": name, "pos_ptr": name,
                  "size_ptr": name, **indices},
-                {"stride_xc": 1, "stride_pc": 1, "MEAN": mean, "HAS_SIZE": has_size, "HAS_POS": has_pos,
-                 "POS_MEAN": pos_mean, "ACC_DTYPE": tl.float32, **block}, num_warps=_NUM_WARPS))
-        for label, scale, has_size, has_pos, pos_mean in bwd_flags:
+                {"stride_xc": 1, "stride_pc": 1, "MEAN": mean, **block}, num_warps=_NUM_WARPS))
+        for label, scale in (("merge_backward", True), ("unmerge", False)):
             specs.append(AotSpec(
                 _merge_bwd_kernel, f"{name} {label}",
                 {"out_ptr": name, "pos_out_ptr": name, "g_ptr": name, "gpos_ptr": name, "size_ptr": name,
                  "size_out_ptr": name, **indices},
-                {"stride_gc": 1, "stride_qc": 1, "SCALE": scale, "HAS_SIZE": has_size, "HAS_POS": has_pos,
-                 "POS_MEAN": pos_mean, "ACC_DTYPE": tl.float32, **block}, num_warps=_NUM_WARPS))
+                {"stride_gc": 1, "stride_qc": 1, "SCALE": scale, **block}, num_warps=_NUM_WARPS))
     return specs
