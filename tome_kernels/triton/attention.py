@@ -230,8 +230,8 @@ def _attn_bwd_kernel(
 # get smaller tiles and 8 warps.
 _FWD_TILES = {2: {32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)},
               4: {32: (64, 32, 4), 64: (64, 32, 8), 128: (32, 32, 8)}}
-_BWD_TILES = {2: {32: (64, 64, 4), 64: (64, 64, 4), 128: (32, 64, 4)},
-              4: {32: (32, 32, 8), 64: (32, 32, 8), 128: (16, 32, 8)}}
+_BWD_TILES = {2: {32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 64, 8)},
+              4: {32: (16, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}}
 _PREPROCESS_BLOCK_M = 64
 _PREPROCESS_BLOCK_D = 32
 HEAD_DIM_TILES = (32, 64, 128)  # BLOCK_D: head dims pad up to one of these (masked)
