@@ -7,6 +7,7 @@ Small models (2-4 blocks, 64-96 px) keep the file fast on a 2-core CPU.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,3 +267,16 @@ def test_compile_fullgraph():
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(model._tome_info["source"], expected_source)
+
+
+def test_make_visualization_fills_groups_with_mean_colour():
+    from tome_kernels.vis import make_visualization
+
+    # 2 x 2 patches of 4 px, a class token; patches 0, 1, 3 merged into one token, patch 2 alone.
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    img[:4, :4], img[:4, 4:], img[4:, :4], img[4:, 4:] = 30, 60, 200, 90
+    source = torch.tensor([[1, 0, 0, 0, 0], [0, 1, 1, 0, 1], [0, 0, 0, 1, 0]], dtype=torch.float32)
+    out = np.asarray(make_visualization(img, source[None], patch_size=4, num_prefix_tokens=1))
+    assert out.shape == (8, 8, 3)
+    assert (out[1, 1] == 60).all() and (out[6, 6] == 60).all() and (out[6, 1] == 200).all()  # group means
+    assert (out[3, 1] == 255).all() and (out[4, 1] == 255).all() and (out[1, 3] == 60).all()  # outline only
