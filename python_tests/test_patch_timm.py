@@ -106,16 +106,18 @@ def test_r0_matches_unpatched(case):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prop_attn", [True, False])
-@pytest.mark.parametrize("case", list(MODELS))
-def test_matches_independent_tome(case, prop_attn):
+@pytest.mark.parametrize("case, attn", [(case, attn) for case in MODELS for attn in ("op", "no_prop_attn")]
+                         + [("deit3_layerscale", "sdpa"), ("deit_distilled", "sdpa"), ("map_pool", "sdpa")])
+def test_matches_independent_tome(case, attn):
     name, kwargs = MODELS[case]
+    prop_attn = attn != "no_prop_attn"
     model = make(name, **kwargs)
     x = images(model)
     r = [5, 7, 3, 2][:len(model.blocks)]
     with torch.no_grad():
         expected, size, source = tome_forward(model, x, r, prop_attn=prop_attn)
-        tome_kernels.patch.timm(model, trace_source=True, prop_attn=prop_attn)
+        tome_kernels.patch.timm(model, trace_source=True, prop_attn=prop_attn, attn_impl=attn if prop_attn else "op")
+        assert model._tome_info["attn_impl"] == (attn if prop_attn else "op")
         model.r = r
         logits = model(x)
     info = model._tome_info
