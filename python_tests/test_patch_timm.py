@@ -21,9 +21,13 @@ from tome_kernels import reference  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:tome_kernels. no compiled backend")
 
 
-def make(name: str, dtype=torch.float64, seed: int = 0, **kwargs):
+def make(name: str, dtype=torch.float64, seed: int = 0, gated: bool = False, **kwargs):
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **kwargs).to(dtype).eval()
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if gated:  # timm's Attention(gated=True): its Block cannot ask for it, so add the gates here
+        for block in model.blocks:
+            block.attn.gate = torch.nn.Linear(model.embed_dim, block.attn.attn_dim)
+    model = model.to(dtype).eval()
     with torch.no_grad():  # timm starts these near constants: make them matter
         for module in model.modules():
             if hasattr(module, "gamma"):  # LayerScale
@@ -47,8 +51,9 @@ MODELS = {
     "reg4_gap": ("vit_medium_patch16_reg4_gap_256", dict(depth=2, img_size=96)),
     "cls_reg4": ("vit_tiny_patch16_224", dict(depth=3, img_size=96, reg_tokens=4)),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(depth=3, img_size=96)),
-    "qk_norm_avgmax": ("vit_tiny_patch16_224", dict(depth=2, img_size=96, qk_norm=True, class_token=False,
-                                                    global_pool="avgmax")),
+    "qk_norm_gated_avgmax": ("vit_tiny_patch16_224", dict(depth=2, img_size=96, qk_norm=True, scale_attn_norm=True,
+                                                          scale_mlp_norm=True, gated=True, class_token=False,
+                                                          global_pool="avgmax")),
     "map_pool": ("vit_tiny_patch16_224", dict(depth=2, img_size=96, class_token=False, global_pool="map")),
 }
 
@@ -66,11 +71,13 @@ def tome_forward(model, x, r_per_layer, prop_attn=True):
     for block, r in zip(model.blocks, r_per_layer):
         attn = block.attn
         n = x.shape[1]
-        qkv = attn.qkv(block.norm1(x)).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        h = block.norm1(x)
+        qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         out, _ = reference.attention(q, k, v, size if prop_attn else None, attn.scale)
-        out = attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, n, -1)))
+        out = attn.norm(out.transpose(1, 2).reshape(batch, n, -1))
+        out = attn.proj(out if attn.gate is None else out * attn.gate(h).sigmoid())
         x = x + block.ls1(out)
         unm_idx, src_idx, dst_idx = reference.match(k.mean(1), r, prefix)
         x, _, size = reference.merge(x, None, size, unm_idx, src_idx, dst_idx, prefix, False)
@@ -211,6 +218,8 @@ def test_unsupported_models_raise():
         tome_kernels.patch.timm(timm.create_model("resnet18", pretrained=False))
     with pytest.raises(TypeError, match="ResPostBlock"):
         tome_kernels.patch.timm(timm.create_model("vit_base_patch16_rpn_224", depth=1, img_size=64))
+    with pytest.raises(TypeError, match="DiffAttention"):
+        tome_kernels.patch.timm(timm.create_model("vit_tiny_patch16_224", depth=1, img_size=64, attn_layer="diff"))
     prr = tome_kernels.patch.timm(make("vit_tiny_patch16_224", depth=2, img_size=64, class_token=False,
                                        global_pool="prr"))
     prr.r = 4

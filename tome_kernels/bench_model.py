@@ -110,6 +110,9 @@ class TimmFamily(Family):
         group.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
         group.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=True,
                            help="proportional attention (default on)")
+        group.add_argument("--attn-impl", default="auto", choices=("auto", "op", "sdpa"),
+                           help="proportional attention through the tome op or SDPA with a log-size bias "
+                                "(default auto: see tome_kernels.patch.timm)")
 
     def build(self, args, device, dtype):
         import timm
@@ -120,7 +123,7 @@ class TimmFamily(Family):
         kwargs = {} if args.img_size is None else {"img_size": args.img_size}
         baseline = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
         baseline = baseline.to(device=device, dtype=dtype).eval()
-        tome = patch_timm(copy.deepcopy(baseline), prop_attn=args.prop_attn)
+        tome = patch_timm(copy.deepcopy(baseline), prop_attn=args.prop_attn, attn_impl=args.attn_impl)
         img_size = baseline.patch_embed.img_size
         inputs = (torch.randn(args.batch, 3, *img_size, device=device, dtype=dtype),)
         num_tokens = baseline.patch_embed.num_patches + baseline.num_prefix_tokens
@@ -135,7 +138,8 @@ class TimmFamily(Family):
             return vit_flops(baseline, num_tokens, args.batch, None if r is None else parse_r(r, len(tome.blocks)))
 
         description = (f"{args.model} {img_size[0]}x{img_size[1]} ({num_tokens} tokens, "
-                       f"{baseline.num_prefix_tokens} prefix), batch {args.batch}, prop_attn={args.prop_attn}")
+                       f"{baseline.num_prefix_tokens} prefix), batch {args.batch}, prop_attn={args.prop_attn} "
+                       f"(attn_impl={tome._tome_info['attn_impl']})")
         return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops)
 
 
