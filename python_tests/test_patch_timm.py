@@ -269,7 +269,7 @@ def test_backward_and_dropout():
 
 def test_compile_fullgraph():
     model = tome_kernels.patch.timm(make("vit_tiny_patch16_224", dtype=torch.float32, depth=2, img_size=64,
-                                         reg_tokens=2), trace_source=True)
+                                         reg_tokens=2), trace_source=True, attn_impl="op")
     model.r = 5
     x = images(model)
     with torch.no_grad():
@@ -277,7 +277,11 @@ def test_compile_fullgraph():
         expected_source = model._tome_info["source"]
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(model._tome_info["source"], expected_source)
+        assert torch.equal(model._tome_info["source"], expected_source)
+        model.r = (3, 1)  # a new schedule must not reuse the graph traced for the old one
+        expected = model(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+        assert model._tome_info["size"].shape[1] == 19 - 6  # 16 patches + 3 prefix; r per block [0, 6]
 
 
 def test_make_visualization_fills_groups_with_mean_colour():
