@@ -7,6 +7,9 @@ Small models (2-4 blocks, 64-96 px) keep the file fast on a 2-core CPU.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +24,15 @@ from tome_kernels import reference  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:tome_kernels. no compiled backend")
 
 
-def make(name: str, dtype=torch.float64, seed: int = 0, gated: bool = False, **kwargs):
+def make(name: str, dtype=torch.float64, **kwargs):
+    """A fresh copy of a random-weight model (built once per configuration: building dominates the tests)."""
+    return copy.deepcopy(_build(name, dtype, tuple(sorted(kwargs.items()))))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str, dtype, kwargs: tuple, seed: int = 0):
+    kwargs = dict(kwargs)
+    gated = kwargs.pop("gated", False)
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if gated:  # timm's Attention(gated=True): its Block cannot ask for it, so add the gates here
@@ -132,6 +143,20 @@ def test_matches_independent_tome(case, attn):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(info["size"].squeeze(-1), size, rtol=0, atol=0)
     torch.testing.assert_close(info["source"], source, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn_impl", ["op", "sdpa"])
+def test_gradients_match_independent_tome(attn_impl):
+    model = make("deit3_small_patch16_224", depth=2, img_size=64)
+    x = images(model)
+    r = [4, 3]
+    tome_forward(model, x, r)[0].square().sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    tome_kernels.patch.timm(model, attn_impl=attn_impl).r = r
+    model(x).square().sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("case", ["vit_base", "cls_reg4", "deit_distilled", "reg4_gap"])
@@ -256,9 +281,10 @@ def test_per_instance_and_unpatch():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
-def test_backward_and_dropout():
+@pytest.mark.parametrize("attn_impl, dropout", [("op", 0.0), ("op", 0.1), ("sdpa", 0.0)])
+def test_backward(attn_impl, dropout):
     model = tome_kernels.patch.timm(make("deit3_small_patch16_224", dtype=torch.float32, depth=2, img_size=64,
-                                         attn_drop_rate=0.1, drop_path_rate=0.1))
+                                         attn_drop_rate=dropout, drop_path_rate=dropout), attn_impl=attn_impl)
     model.train()
     model.r = 4
     x = images(model)
