@@ -46,6 +46,9 @@ class Workload:
     setting_name: str  # how a setting is printed, e.g. "r"
     apply: Callable[[object], None]  # put the ToMe model in a setting
     flops: Callable[[object], float]  # model FLOPs per batch in a setting (None = unmerged)
+    # The baseline with merging replaced by dropping tokens (same token counts, no merge work): what a
+    # free merge would reach. None where a family has no such model.
+    free_merge: Callable[[object], Callable] | None = None
 
 
 class Family:
@@ -94,6 +97,20 @@ def vit_flops(model: nn.Module, num_tokens: int, batch: int, r_per_layer: Sequen
     return total * batch
 
 
+def vit_free_merge_forward(model: nn.Module, counts: list[tuple[int, int]]) -> Callable:
+    """A forward of the unpatched ViT ``model`` that keeps the first tokens instead of merging (the token
+    counts of :func:`vit_token_counts`): the time of the model's own work at ToMe's token counts."""
+    def forward(x):
+        x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for block, (n_attn, n_mlp) in zip(model.blocks, counts):
+            x = x[:, :n_attn]
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            x = x[:, :n_mlp]
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return model.forward_head(model.norm(x))
+    return forward
+
+
 class TimmFamily(Family):
     name = "timm"
 
@@ -137,10 +154,14 @@ class TimmFamily(Family):
         def flops(r):
             return vit_flops(baseline, num_tokens, args.batch, None if r is None else parse_r(r, len(tome.blocks)))
 
+        def free_merge(r):
+            counts = vit_token_counts(num_tokens, parse_r(r, len(tome.blocks)), baseline.num_prefix_tokens)
+            return vit_free_merge_forward(baseline, counts)
+
         description = (f"{args.model} {img_size[0]}x{img_size[1]} ({num_tokens} tokens, "
                        f"{baseline.num_prefix_tokens} prefix), batch {args.batch}, prop_attn={args.prop_attn} "
                        f"(attn_impl={tome._tome_info['attn_impl']})")
-        return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops)
+        return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops, free_merge)
 
 
 def _parse_r_arg(text: str):
@@ -172,11 +193,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_workload(work: Workload, device: torch.device, rounds: int, warmup: int, progress: bool = True):
-    """Median seconds per batch: ``{"baseline": t, setting_index: t, ...}``, timed in round-robin."""
+def time_workload(work: Workload, device: torch.device, rounds: int, warmup: int, progress: bool = True,
+                  timer: str = "wall", free_merge: bool = False):
+    """Median seconds per batch: ``{"baseline": t, setting_index: t, ...}`` (and ``("free", index)`` with
+    ``free_merge``), timed in round-robin.
+
+    ``timer="cpu"`` counts this process's CPU time (``time.process_time``) instead of wall time: with one
+    thread on a CPU shared with other jobs it is the time a dedicated core would take, without the
+    stretches the scheduler gives to others (with more threads it also counts their spin-waits).
+    """
     from tqdm import tqdm
 
+    if timer == "cpu" and device.type != "cpu":
+        raise ValueError("--timer cpu measures CPU time: use it with --device cpu")
+    clock = time.process_time if timer == "cpu" else time.perf_counter
+
     runs = [("baseline", work.baseline, None)] + [(i, work.tome, s) for i, s in enumerate(work.settings)]
+    if free_merge:
+        runs += [(("free", i), work.free_merge(s), None) for i, s in enumerate(work.settings)]
     times: dict = {key: [] for key, _, _ in runs}
     bar = tqdm(total=(warmup + rounds) * len(runs), desc="bench", unit="fwd", disable=not progress, leave=False)
     with torch.inference_mode():
@@ -185,26 +219,30 @@ def time_workload(work: Workload, device: torch.device, rounds: int, warmup: int
                 if setting is not None:
                     work.apply(setting)
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 model(*work.inputs)
                 _sync(device)
                 if round_index >= warmup:
-                    times[key].append(time.perf_counter() - start)
+                    times[key].append(clock() - start)
                 bar.update()
     bar.close()
     return {key: statistics.median(values) for key, values in times.items()}
 
 
 def report(work: Workload, times: dict) -> list[dict]:
+    """One row per timed model: time, throughput, speedup over the baseline, FLOP-ratio ceiling, % of it."""
     base_time, base_flops = times["baseline"], work.flops(None)
-    rows = [{"setting": "baseline", "ms": base_time * 1e3, "img_s": work.batch / base_time, "speedup": 1.0,
-             "ceiling": 1.0, "pct": 100.0}]
-    for index, setting in enumerate(work.settings):
-        t = times[index]
-        ceiling = base_flops / work.flops(setting)
+
+    def row(kind, label, t, setting=None):
+        ceiling = 1.0 if setting is None else base_flops / work.flops(setting)
         speedup = base_time / t
-        rows.append({"setting": f"{work.setting_name}={setting}", "value": setting, "ms": t * 1e3,
-                     "img_s": work.batch / t, "speedup": speedup, "ceiling": ceiling, "pct": 100 * speedup / ceiling})
+        return {"kind": kind, "setting": label, "value": setting, "ms": t * 1e3, "img_s": work.batch / t,
+                "speedup": speedup, "ceiling": ceiling, "pct": 100 * speedup / ceiling}
+
+    rows = [row("baseline", "baseline", base_time)]
+    rows += [row("tome", f"{work.setting_name}={s}", times[i], s) for i, s in enumerate(work.settings)]
+    rows += [row("free", f"  free merge {s}", times[("free", i)], s) for i, s in enumerate(work.settings)
+             if ("free", i) in times]
     return rows
 
 
@@ -215,22 +253,25 @@ def print_rows(rows: list[dict]) -> None:
               f"{row['ceiling']:7.2f}x {row['pct']:6.1f}%")
 
 
-def plot(rows: list[dict], work: Workload, path: str) -> None:
+def plot(rows: list[dict], title: str, xlabel: str, ylabel: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tome_rows = [row for row in rows if "value" in row]
+    tome_rows = [row for row in rows if row["kind"] == "tome"]
+    free_rows = [row for row in rows if row["kind"] == "free"]
     xs = [row["value"] for row in tome_rows]
     base = rows[0]["img_s"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, [row["img_s"] for row in tome_rows], "o-", label="ToMe (measured)")
+    if free_rows:
+        ax.plot(xs, [row["img_s"] for row in free_rows], "s:", label="tokens dropped, no merge work")
     ax.plot(xs, [base * row["ceiling"] for row in tome_rows], "--", color="gray", label="FLOP-ratio ceiling")
     ax.axhline(base, color="black", linewidth=0.8, label="unpatched model")
-    ax.set_xlabel(work.setting_name)
-    ax.set_ylabel("throughput (img/s)")
-    ax.set_title(work.description, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=7)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -253,8 +294,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timer", default="wall", choices=("wall", "cpu"),
+                        help="wall-clock time, or process CPU time (for --threads 1 on a shared CPU)")
     parser.add_argument("--backend", default=None, choices=tome_kernels.BACKENDS, help="tome backend")
     parser.add_argument("--plot", default=None, help="save throughput vs merge setting to this PNG")
+    parser.add_argument("--free-merge", action="store_true",
+                        help="also time the model with merging replaced by dropping tokens (a free merge)")
     parser.add_argument("--no-progress", action="store_true")
     for family in FAMILIES:
         family.add_arguments(parser)
@@ -267,14 +312,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     work = family_for(args.model).build(args, device, dtype)
-    times = time_workload(work, device, args.rounds, args.warmup, progress=not args.no_progress)
+    times = time_workload(work, device, args.rounds, args.warmup, progress=not args.no_progress, timer=args.timer,
+                          free_merge=args.free_merge and work.free_merge is not None)
     rows = report(work, times)
+    setup = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {args.device}, "
+             f"{args.timer} time, median of {args.rounds}")
     print(work.description)
-    print(f"{backend_line(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"{args.device}")
+    print(f"{backend_line(device)}; {setup}")
     print_rows(rows)
     if args.plot:
-        plot(rows, work, args.plot)
+        unit = "img/s" if args.timer == "wall" else "img per CPU-second"
+        plot(rows, f"{work.description}\n{setup}", work.setting_name, f"throughput ({unit})", args.plot)
         print(f"wrote {args.plot}")
     return rows
 
