@@ -140,7 +140,10 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
                     total = time.perf_counter() - start
                     parts = {name: watch.take() for name, watch in watches.items()}
                     if round_index >= warmup:
-                        samples[key].append(dict(total_s=total, **{f"{k}_s": v for k, v in parts.items()}))
+                        row = dict(total_s=total, **{f"{k}_s": v for k, v in parts.items()})
+                        row["encoder_decoder_s"] = row["encoder_s"] + row["decoder_s"]
+                        row["other_s"] = total - row["backbone_s"] - row["encoder_decoder_s"]
+                        samples[key].append(row)
                     info = net._tome_info
                     num_tokens = out.encoder_last_hidden_state.shape[1] + sum(info.get("encoder_r") or [0])
                     memory = (out.encoder_last_hidden_state.shape[1] if info.get("memory_size") is None
@@ -157,9 +160,8 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
               "height": height, "width": width, "er": er, "mr": mr, "dr": dr, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "backend": backend_name()}
     for key, rows in samples.items():
+        # Medians per quantity over the same rounds (so the parts need not add up exactly to the total).
         timing = {name: statistics.median(row[name] for row in rows) for name in rows[0]}
-        timing["encoder_decoder_s"] = timing["encoder_s"] + timing["decoder_s"]
-        timing["other_s"] = timing["total_s"] - timing["backbone_s"] - timing["encoder_decoder_s"]
         timing.update(shapes[key])
         result[key] = timing
     base, tome = result["baseline"], result["tome"]
