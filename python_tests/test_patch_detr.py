@@ -95,14 +95,18 @@ def test_zero_merges_is_exactly_unpatched(padded):
     assert torch.equal(run(model, pixel_values, mask).logits, expected.logits)
 
 
+ATTN_IMPLS = ["op", "sdpa"]
+
+
+@pytest.mark.parametrize("attn_impl", ATTN_IMPLS)
 @pytest.mark.parametrize("padded", [False, True], ids=["single", "padded"])
-def test_tome_path_without_merges_matches_transformers(padded):
-    """The patch's own attention (prop_attention, key mask through size 0) with r = 0 everywhere."""
+def test_tome_path_without_merges_matches_transformers(padded, attn_impl):
+    """The patch's own attention (key mask through size 0 -> log 0 = -inf) with r = 0 everywhere."""
     model = make_model()
     pixel_values = images(2)
     mask = padded_mask([(HEIGHT, WIDTH), (96, 128)]) if padded else None
     expected = run(model, pixel_values, mask)
-    tome_kernels.patch.detr(model)
+    tome_kernels.patch.detr(model, attn_impl=attn_impl)
     model._tome_info["_force"] = True  # internal: take the ToMe code path with nothing to merge
     got = run(model, pixel_values, mask)
     torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, rtol=0, atol=1e-5)
@@ -176,13 +180,14 @@ def encoder_inputs(model, pixel_values):
 # rounding (logits differ by ~1e-5 in fp32, by ~1e-16 in fp64): the whole model is checked in fp64.
 @pytest.mark.parametrize("dtype, atol_encoder, atol_heads",
                          [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-10, 1e-10)], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("pos_mode", ["keep", "mean"])
-def test_matches_reference_loop(pos_mode, dtype, atol_encoder, atol_heads):
+@pytest.mark.parametrize("pos_mode, attn_impl", [("keep", "op"), ("mean", "op"), ("keep", "sdpa")])
+def test_matches_reference_loop(pos_mode, attn_impl, dtype, atol_encoder, atol_heads):
     model = make_model().to(dtype)
     pixel_values = images(2).to(dtype)
     x, pos = encoder_inputs(model, pixel_values)
     er, mr, dr = 12, 10, 4
-    tome_kernels.patch.detr(model, er=er, mr=mr, dr=dr, pos_mode=pos_mode)
+    tome_kernels.patch.detr(model, er=er, mr=mr, dr=dr, pos_mode=pos_mode, attn_impl=attn_impl)
+    assert model._tome_info["attn_impl"] == attn_impl
     got = run(model, pixel_values)
     with torch.no_grad():
         encoder_out, logits, boxes = reference_detr(model, x, pos, er, mr, dr, pos_mode)
@@ -197,12 +202,12 @@ def test_matches_reference_loop(pos_mode, dtype, atol_encoder, atol_heads):
 # ----------------------------------------------------------------------------------------------------
 # Padding
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pos_mode", ["keep", "mean"])
+@pytest.mark.parametrize("pos_mode, attn_impl", [("keep", "op"), ("mean", "op"), ("keep", "sdpa")])
 @pytest.mark.parametrize("sizes", [[(HEIGHT, WIDTH), (160, 200)], [(224, 96), (64, 64)]], ids=["mild", "heavy"])
-def test_padded_batch_never_mixes_real_and_padding(sizes, pos_mode):
+def test_padded_batch_never_mixes_real_and_padding(sizes, pos_mode, attn_impl):
     model = make_model()
     er, mr, dr = 12, 10, 3
-    tome_kernels.patch.detr(model, er=er, mr=mr, dr=dr, pos_mode=pos_mode, trace_source=True)
+    tome_kernels.patch.detr(model, er=er, mr=mr, dr=dr, pos_mode=pos_mode, trace_source=True, attn_impl=attn_impl)
     mask = padded_mask(sizes)
     out = run(model, images(2), mask)
     info = model._tome_info
@@ -304,6 +309,8 @@ def test_unsupported_models_and_options():
         tome_kernels.patch.detr(DetrForSegmentation.__new__(DetrForSegmentation))
     with pytest.raises(ValueError, match="pos_mode"):
         tome_kernels.patch.detr(make_model(), er=1, pos_mode="first")
+    with pytest.raises(ValueError, match="attn_impl"):
+        tome_kernels.patch.detr(make_model(), er=1, attn_impl="flash")
     model = tome_kernels.patch.detr(make_model(), er=2)
     with pytest.raises(NotImplementedError, match="output_attentions"):
         run(model, images(1), output_attentions=True)
@@ -319,8 +326,18 @@ def test_unsupported_transformers_version(monkeypatch):
         tome_kernels.patch.detr(make_model())
 
 
-def test_hidden_states_and_training_backward():
-    model = tome_kernels.patch.detr(make_model(dropout=0.0), er=8, mr=6, dr=2)
+def test_attn_impl_auto():
+    """auto: the op where a compiled tome backend serves the device or a backend was chosen, else SDPA."""
+    compiled = tome_kernels.available_backends("cpu")["cpu"] is None
+    model = tome_kernels.patch.detr(make_model())
+    assert model._tome_info["attn_impl"] == ("op" if compiled else "sdpa")
+    with tome_kernels.use_backend("torch"):
+        assert tome_kernels.patch.detr(model)._tome_info["attn_impl"] == "op"
+
+
+@pytest.mark.parametrize("attn_impl", ATTN_IMPLS)
+def test_hidden_states_and_training_backward(attn_impl):
+    model = tome_kernels.patch.detr(make_model(dropout=0.0), er=8, mr=6, dr=2, attn_impl=attn_impl)
     with torch.no_grad():
         out = model(images(1), output_hidden_states=True)
     lengths = [t.shape[1] for t in out.encoder_hidden_states]
@@ -330,6 +347,13 @@ def test_hidden_states_and_training_backward():
     (out.logits.square().mean() + out.pred_boxes.mean()).backward()
     grad = model.model.encoder.layers[0].self_attn.k_proj.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_training_with_attention_dropout_uses_sdpa():
+    model = tome_kernels.patch.detr(make_model(attention_dropout=0.1), er=8, mr=6, attn_impl="op").train()
+    out = model(images(1))
+    out.logits.sum().backward()
+    assert torch.isfinite(out.logits).all()
 
 
 def test_bench_detr_smoke():
