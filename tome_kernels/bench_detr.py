@@ -110,47 +110,76 @@ def encoder_decoder_flops(model: nn.Module, num_tokens: int, num_queries: int, e
     return total
 
 
-def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 100, dr: int = 0, batch: int = 1,
-          height: int = 800, width: int = 1066, repeats: int = 5, warmup: int = 1, prop_attn: bool = True,
-          pos_mode: str = "keep", seed: int = 0) -> dict:
-    """Time baseline (er = mr = dr = 0) and ToMe in round-robin; medians of ``repeats`` forwards each.
+def _shape_info(net: nn.Module, out) -> dict:
+    info = net._tome_info
+    memory = out.encoder_last_hidden_state.shape[1]
+    return dict(tokens=memory + sum(info.get("encoder_r") or [0]),
+                memory_tokens=memory if info.get("memory_size") is None else info["memory_size"].shape[1],
+                predictions=out.logits.shape[1], encoder_r=list(info.get("encoder_r") or []),
+                memory_r=info.get("memory_r", 0), decoder_r=list(info.get("decoder_r") or []))
 
-    Returns ``{"baseline": timing, "tome": timing, ...summary}``, a timing being ``total_s``, ``backbone_s``,
-    ``encoder_s``, ``decoder_s``, ``encoder_decoder_s``, ``other_s``, ``memory_tokens``, ``predictions``.
+
+def _summary(rows: list[dict]) -> dict:
+    """Medians per quantity over the same rounds (the parts need not add up exactly to the total), and
+    under ``min`` the fastest: on a machine shared with other jobs, the least disturbed."""
+    timing = {name: statistics.median(row[name] for row in rows) for name in rows[0]}
+    timing["min"] = {name: min(row[name] for row in rows) for name in rows[0]}
+    return timing
+
+
+def _time_rounds(net, pixel_values, settings, watches, rounds, warmup):
+    """Round-robin over ``settings`` ({key: (er, mr, dr)}); per key a list of per-forward timings."""
+    samples, shapes = {key: [] for key in settings}, {}
+    for round_index in range(warmup + rounds):
+        for key, (e, m, d) in settings.items():
+            net.er, net.mr, net.dr = e, m, d
+            for watch in watches.values():
+                watch.take()
+            start = time.perf_counter()
+            out = net(pixel_values)
+            total = time.perf_counter() - start
+            row = dict(total_s=total, **{f"{name}_s": watch.take() for name, watch in watches.items()})
+            row["encoder_decoder_s"] = row["encoder_s"] + row["decoder_s"]
+            row["other_s"] = total - row.get("backbone_s", 0.0) - row["encoder_decoder_s"]
+            if round_index >= warmup:
+                samples[key].append(row)
+            shapes[key] = _shape_info(net, out)
+    return samples, shapes
+
+
+def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 100, dr: int = 0, batch: int = 1,
+          height: int = 800, width: int = 1066, repeats: int = 3, warmup: int = 1, transformer_rounds: int = 15,
+          prop_attn: bool = True, pos_mode: str = "keep", attn_impl: str = "auto", seed: int = 0) -> dict:
+    """Time baseline (er = mr = dr = 0) and ToMe in round-robin.
+
+    Two phases: ``repeats`` whole forwards each (end to end, with the backbone's share), then
+    ``transformer_rounds`` forwards each with the backbone's output cached (the encoder + decoder alone:
+    short runs, many rounds, so that their minimum is a stable figure on a shared machine).
+    Returns ``{"baseline": timing, "tome": timing, "transformer": {"baseline": .., "tome": ..}, ...}``, a
+    timing being ``total_s``, ``backbone_s``, ``encoder_s``, ``decoder_s``, ``encoder_decoder_s``,
+    ``other_s`` (medians), ``min`` (the same for the fastest round) and the token counts.
     """
     import tome_kernels.patch
 
     net = build_model(model, seed) if isinstance(model, str) else model
-    tome_kernels.patch.detr(net, prop_attn=prop_attn, pos_mode=pos_mode)
+    tome_kernels.patch.detr(net, prop_attn=prop_attn, pos_mode=pos_mode, attn_impl=attn_impl)
     pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    watches = {name: _Stopwatch(module) for name, module in
-               (("backbone", net.model.backbone), ("encoder", net.model.encoder), ("decoder", net.model.decoder))}
     settings = {"baseline": (0, 0, 0), "tome": (er, mr, dr)}
-    samples = {key: [] for key in settings}
-    shapes = {}
+    backbone = net.model.backbone
+    watches = {name: _Stopwatch(module) for name, module in
+               (("backbone", backbone), ("encoder", net.model.encoder), ("decoder", net.model.decoder))}
     try:
         with torch.inference_mode():
-            for round_index in range(warmup + repeats):
-                for key, (e, m, d) in settings.items():
-                    net.er, net.mr, net.dr = e, m, d
-                    for watch in watches.values():
-                        watch.take()
-                    start = time.perf_counter()
-                    out = net(pixel_values)
-                    total = time.perf_counter() - start
-                    parts = {name: watch.take() for name, watch in watches.items()}
-                    if round_index >= warmup:
-                        row = dict(total_s=total, **{f"{k}_s": v for k, v in parts.items()})
-                        row["encoder_decoder_s"] = row["encoder_s"] + row["decoder_s"]
-                        row["other_s"] = total - row["backbone_s"] - row["encoder_decoder_s"]
-                        samples[key].append(row)
-                    info = net._tome_info
-                    num_tokens = out.encoder_last_hidden_state.shape[1] + sum(info.get("encoder_r") or [0])
-                    memory = (out.encoder_last_hidden_state.shape[1] if info.get("memory_size") is None
-                              else info["memory_size"].shape[1])
-                    shapes[key] = dict(tokens=num_tokens, memory_tokens=memory, predictions=out.logits.shape[1],
-                                       encoder_r=list(info.get("encoder_r") or []), memory_r=info.get("memory_r", 0),
-                                       decoder_r=list(info.get("decoder_r") or []))
+            samples, shapes = _time_rounds(net, pixel_values, settings, watches, repeats, warmup)
+            transformer = {}
+            if transformer_rounds > 0:
+                features = backbone(pixel_values, torch.ones(batch, height, width, dtype=torch.long))
+                backbone.forward = lambda *args, **kwargs: features  # this instance only, removed below
+                try:
+                    parts, _ = _time_rounds(net, pixel_values, settings, watches, transformer_rounds, 1)
+                finally:
+                    del backbone.forward
+                transformer = {key: _summary(rows) for key, rows in parts.items()}
     finally:
         for watch in watches.values():
             watch.remove()
@@ -158,14 +187,10 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
 
     result = {"model": model if isinstance(model, str) else type(model).__name__, "batch": batch,
               "height": height, "width": width, "er": er, "mr": mr, "dr": dr, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "backend": backend_name()}
+              "torch": torch.__version__, "backend": backend_name(), "attn_impl": net._tome_info["attn_impl"],
+              "transformer": transformer}
     for key, rows in samples.items():
-        # Medians per quantity over the same rounds (so the parts need not add up exactly to the total).
-        timing = {name: statistics.median(row[name] for row in rows) for name in rows[0]}
-        # The fastest round: on a machine shared with other jobs, the least disturbed one.
-        timing["min"] = {name: min(row[name] for row in rows) for name in rows[0]}
-        timing.update(shapes[key])
-        result[key] = timing
+        result[key] = {**_summary(rows), **shapes[key]}
     base, tome = result["baseline"], result["tome"]
     num_tokens, num_queries = base["tokens"], base["predictions"]
     layers_e, layers_d = len(net.model.encoder.layers), len(net.model.decoder.layers)
@@ -175,16 +200,23 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
     rest = base["total_s"] - base["encoder_decoder_s"]
     speedup = base["encoder_decoder_s"] / tome["encoder_decoder_s"]
     result.update(
-        speedup_total_min=base["min"]["total_s"] / tome["min"]["total_s"],
-        speedup_encoder_decoder_min=base["min"]["encoder_decoder_s"] / tome["min"]["encoder_decoder_s"],
         speedup_total=base["total_s"] / tome["total_s"],
+        speedup_total_min=base["min"]["total_s"] / tome["min"]["total_s"],
         speedup_encoder_decoder=speedup,
+        speedup_encoder_decoder_min=base["min"]["encoder_decoder_s"] / tome["min"]["encoder_decoder_s"],
         flop_ceiling_encoder_decoder=flops_base / flops_tome,
         backbone_share=base["backbone_s"] / base["total_s"],
         encoder_decoder_share=base["encoder_decoder_s"] / base["total_s"],
         amdahl_ceiling=base["total_s"] / rest,
         amdahl_expected=base["total_s"] / (rest + base["encoder_decoder_s"] / speedup),
     )
+    if transformer:
+        t_base, t_tome = transformer["baseline"], transformer["tome"]
+        result.update(
+            transformer_speedup_encoder_decoder=t_base["encoder_decoder_s"] / t_tome["encoder_decoder_s"],
+            transformer_speedup_encoder_decoder_min=(t_base["min"]["encoder_decoder_s"]
+                                                     / t_tome["min"]["encoder_decoder_s"]),
+        )
     return result
 
 
@@ -200,7 +232,8 @@ def backend_name() -> str:
 def print_result(result: dict) -> None:
     base, tome = result["baseline"], result["tome"]
     print(f"{result['model']} {result['height']}x{result['width']}, batch {result['batch']}, random weights; "
-          f"torch {result['torch']}, {result['threads']} threads, tome backend {result['backend']}")
+          f"torch {result['torch']}, {result['threads']} threads, tome backend {result['backend']}, "
+          f"attn_impl {result['attn_impl']}")
     print(f"tokens {base['tokens']} -> encoder_r {tome['encoder_r']} -> memory {tome['memory_tokens']} "
           f"(mr {tome['memory_r']}); predictions {tome['predictions']} (decoder_r {tome['decoder_r']})")
     print(f"{'':10s} {'total':>9s} {'backbone':>9s} {'encoder':>9s} {'decoder':>9s} {'enc+dec':>9s} {'other':>9s}")
@@ -217,6 +250,16 @@ def print_result(result: dict) -> None:
     print(f"medians: encoder+decoder speed-up {result['speedup_encoder_decoder']:.2f}x "
           f"(FLOP ceiling {result['flop_ceiling_encoder_decoder']:.2f}x); "
           f"end to end {result['speedup_total']:.2f}x")
+    if result["transformer"]:
+        t_base, t_tome = result["transformer"]["baseline"], result["transformer"]["tome"]
+        print("encoder + decoder alone (backbone output cached), median / fastest round:")
+        for key, timing in (("baseline", t_base), ("ToMe", t_tome)):
+            print(f"  {key:8s} encoder {timing['encoder_s'] * 1e3:7.1f} / {timing['min']['encoder_s'] * 1e3:7.1f}ms"
+                  f"  decoder {timing['decoder_s'] * 1e3:7.1f} / {timing['min']['decoder_s'] * 1e3:7.1f}ms"
+                  f"  enc+dec {timing['encoder_decoder_s'] * 1e3:7.1f} / "
+                  f"{timing['min']['encoder_decoder_s'] * 1e3:7.1f}ms")
+        print(f"  encoder+decoder speed-up {result['transformer_speedup_encoder_decoder']:.2f}x (median), "
+              f"{result['transformer_speedup_encoder_decoder_min']:.2f}x (fastest rounds)")
     print(f"backbone share {100 * result['backbone_share']:.1f}%, encoder+decoder share "
           f"{100 * result['encoder_decoder_share']:.1f}% of the baseline: Amdahl ceiling "
           f"{result['amdahl_ceiling']:.2f}x end to end (free encoder+decoder), "
@@ -232,12 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1066)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed whole-model rounds (median)")
+    parser.add_argument("--transformer-rounds", type=int, default=15,
+                        help="timed rounds of the encoder + decoder alone, backbone output cached (0: skip)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--backend", default=None, choices=tome_kernels.BACKENDS, help="tome backend")
     parser.add_argument("--pos-mode", default="keep", choices=("keep", "mean"))
     parser.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--attn-impl", default="auto", choices=("auto", "op", "sdpa"),
+                        help="patched attention: the tome op, SDPA with a log-size bias, or auto")
     return parser
 
 
@@ -248,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.backend is not None:
         tome_kernels.set_backend(args.backend)
     result = bench(args.model, er=args.er, mr=args.mr, dr=args.dr, batch=args.batch, height=args.height,
-                   width=args.width, repeats=args.rounds, warmup=args.warmup, prop_attn=args.prop_attn,
-                   pos_mode=args.pos_mode)
+                   width=args.width, repeats=args.rounds, warmup=args.warmup,
+                   transformer_rounds=args.transformer_rounds, prop_attn=args.prop_attn, pos_mode=args.pos_mode,
+                   attn_impl=args.attn_impl)
     print_result(result)
     return result
 
