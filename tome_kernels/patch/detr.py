@@ -53,6 +53,7 @@ merging: ``output_attentions``, gradient checkpointing, ``auxiliary_loss`` with 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 
@@ -215,9 +216,14 @@ def _count(value, what: str) -> int:
     return count
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def _bind(module: nn.Module, args, kwargs) -> dict:
     """The call's arguments by name (the original forward's signature), var-keyword ones merged in."""
-    signature = inspect.signature(type(module).forward)
+    signature = _signature(type(module))
     bound = signature.bind(module, *args, **kwargs)
     arguments = dict(bound.arguments)
     arguments.pop(next(iter(signature.parameters)))  # self
