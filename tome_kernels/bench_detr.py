@@ -58,20 +58,24 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     return DetrForObjectDetection(config).eval()
 
 
-class _Stopwatch:
-    """Wall time of one module per forward, through hooks (the pre-hook first, before any other)."""
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    def __init__(self, module: nn.Module):
+
+class _Stopwatch:
+    """Time of one module per forward, through hooks (the pre-hook first, before any other)."""
+
+    def __init__(self, module: nn.Module, clock=time.perf_counter):
+        self.clock = clock
         self.seconds = 0.0
         self._start = None
         self._handles = [module.register_forward_pre_hook(self._begin, prepend=True),
                          module.register_forward_hook(self._end)]
 
     def _begin(self, module, args):
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def _end(self, module, args, output):
-        self.seconds += time.perf_counter() - self._start
+        self.seconds += self.clock() - self._start
 
     def take(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
@@ -127,7 +131,7 @@ def _summary(rows: list[dict]) -> dict:
     return timing
 
 
-def _time_rounds(net, pixel_values, settings, watches, rounds, warmup):
+def _time_rounds(net, pixel_values, settings, watches, rounds, warmup, clock):
     """Round-robin over ``settings`` ({key: (er, mr, dr)}); per key a list of per-forward timings."""
     samples, shapes = {key: [] for key in settings}, {}
     for round_index in range(warmup + rounds):
@@ -135,9 +139,9 @@ def _time_rounds(net, pixel_values, settings, watches, rounds, warmup):
             net.er, net.mr, net.dr = e, m, d
             for watch in watches.values():
                 watch.take()
-            start = time.perf_counter()
+            start = clock()
             out = net(pixel_values)
-            total = time.perf_counter() - start
+            total = clock() - start
             row = dict(total_s=total, **{f"{name}_s": watch.take() for name, watch in watches.items()})
             row["encoder_decoder_s"] = row["encoder_s"] + row["decoder_s"]
             row["other_s"] = total - row.get("backbone_s", 0.0) - row["encoder_decoder_s"]
@@ -149,7 +153,8 @@ def _time_rounds(net, pixel_values, settings, watches, rounds, warmup):
 
 def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 100, dr: int = 0, batch: int = 1,
           height: int = 800, width: int = 1066, repeats: int = 3, warmup: int = 1, transformer_rounds: int = 15,
-          prop_attn: bool = True, pos_mode: str = "keep", attn_impl: str = "auto", seed: int = 0) -> dict:
+          prop_attn: bool = True, pos_mode: str = "keep", attn_impl: str = "auto", clock: str = "wall",
+          seed: int = 0) -> dict:
     """Time baseline (er = mr = dr = 0) and ToMe in round-robin.
 
     Two phases: ``repeats`` whole forwards each (end to end, with the backbone's share), then
@@ -158,6 +163,8 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
     Returns ``{"baseline": timing, "tome": timing, "transformer": {"baseline": .., "tome": ..}, ...}``, a
     timing being ``total_s``, ``backbone_s``, ``encoder_s``, ``decoder_s``, ``encoder_decoder_s``,
     ``other_s`` (medians), ``min`` (the same for the fastest round) and the token counts.
+    ``clock="cpu"`` measures process CPU time instead of wall time: with one thread it is the work done,
+    whatever other processes do to the wall clock (it misses nothing on CPU; meaningless on GPUs).
     """
     import tome_kernels.patch
 
@@ -166,17 +173,18 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
     pixel_values = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
     settings = {"baseline": (0, 0, 0), "tome": (er, mr, dr)}
     backbone = net.model.backbone
-    watches = {name: _Stopwatch(module) for name, module in
+    tick = _CLOCKS[clock]
+    watches = {name: _Stopwatch(module, tick) for name, module in
                (("backbone", backbone), ("encoder", net.model.encoder), ("decoder", net.model.decoder))}
     try:
         with torch.inference_mode():
-            samples, shapes = _time_rounds(net, pixel_values, settings, watches, repeats, warmup)
+            samples, shapes = _time_rounds(net, pixel_values, settings, watches, repeats, warmup, tick)
             transformer = {}
             if transformer_rounds > 0:
                 features = backbone(pixel_values, torch.ones(batch, height, width, dtype=torch.long))
                 backbone.forward = lambda *args, **kwargs: features  # this instance only, removed below
                 try:
-                    parts, _ = _time_rounds(net, pixel_values, settings, watches, transformer_rounds, 1)
+                    parts, _ = _time_rounds(net, pixel_values, settings, watches, transformer_rounds, 1, tick)
                 finally:
                     del backbone.forward
                 transformer = {key: _summary(rows) for key, rows in parts.items()}
@@ -188,6 +196,7 @@ def bench(model: str | nn.Module = "detr-resnet-50", er: int = 100, mr: int = 10
     result = {"model": model if isinstance(model, str) else type(model).__name__, "batch": batch,
               "height": height, "width": width, "er": er, "mr": mr, "dr": dr, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "backend": backend_name(), "attn_impl": net._tome_info["attn_impl"],
+              "clock": clock,
               "transformer": transformer}
     for key, rows in samples.items():
         result[key] = {**_summary(rows), **shapes[key]}
@@ -238,7 +247,7 @@ def print_result(result: dict) -> None:
     base, tome = result["baseline"], result["tome"]
     print(f"{result['model']} {result['height']}x{result['width']}, batch {result['batch']}, random weights; "
           f"torch {result['torch']}, {result['threads']} threads, tome backend {result['backend']}, "
-          f"attn_impl {result['attn_impl']}")
+          f"attn_impl {result['attn_impl']}, {result['clock']} clock")
     print(f"tokens {base['tokens']} -> encoder_r {tome['encoder_r']} -> memory {tome['memory_tokens']} "
           f"(mr {tome['memory_r']}); predictions {tome['predictions']} (decoder_r {tome['decoder_r']})")
     print(f"{'':10s} {'total':>9s} {'backbone':>9s} {'encoder':>9s} {'decoder':>9s} {'enc+dec':>9s} {'other':>9s}")
@@ -290,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--backend", default=None, choices=tome_kernels.BACKENDS, help="tome backend")
     parser.add_argument("--pos-mode", default="keep", choices=("keep", "mean"))
+    parser.add_argument("--clock", default="wall", choices=sorted(_CLOCKS),
+                        help="wall time, or process CPU time (with --threads 1: robust on a shared machine)")
     parser.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--attn-impl", default="auto", choices=("auto", "op", "sdpa"),
                         help="patched attention: the tome op, SDPA with a log-size bias, or auto")
@@ -305,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = bench(args.model, er=args.er, mr=args.mr, dr=args.dr, batch=args.batch, height=args.height,
                    width=args.width, repeats=args.rounds, warmup=args.warmup,
                    transformer_rounds=args.transformer_rounds, prop_attn=args.prop_attn, pos_mode=args.pos_mode,
-                   attn_impl=args.attn_impl)
+                   attn_impl=args.attn_impl, clock=args.clock)
     print_result(result)
     return result
 
