@@ -1,0 +1,559 @@
+"""ToMe for transformers' DETR (``DetrForObjectDetection`` / ``DetrModel``, transformers 5.x), per instance.
+
+``tome_kernels.patch.detr(model, er=0, mr=0, dr=0, prop_attn=True, pos_mode="keep")`` patches one model in
+place; ``model.er`` / ``model.mr`` / ``model.dr`` can be changed between calls. Nothing in transformers is
+modified: the classes of this model, its DetrModel and its encoder / decoder layers are swapped for ToMe
+subclasses (created once per original class), and a forward pre-hook on the instance's encoder and decoder
+picks up the flattened pixel mask and positional embeddings that ``DetrModel.forward`` computes.
+
+Where tokens merge (all with ``torch.ops.tome.bipartite_merge``, protected = 0)::
+
+    encoder layer (post-norm), er per layer:
+        x = self_attn_layer_norm(x + attn(x, pos, log size))     # metric = keys (x + pos) averaged over heads
+        x, pos, size = bipartite_merge(x, pos, size, er, metric)
+        x = final_layer_norm(x + mlp(x))
+    memory, once before the decoder, mr:  metric = the encoder output itself
+    decoder layer, dr per layer, after cross-attention (+ its norm) and before the FFN: metric = the queries;
+        the queries' positional embeddings (object queries) merge with them.
+
+Positional embeddings follow their tokens: ``pos_mode="keep"`` gives a merged token its B destination's
+embedding, ``"mean"`` the size-weighted mean. With ``prop_attn`` every later self-attention and the decoder's
+cross-attention add ``log size`` of the keys to their logits (``torch.ops.tome.prop_attention``).
+
+Padding (``pixel_mask``): a token's padding flag rides along as an extra channel of ``pos``, so it follows
+every merge (in "keep" mode exactly; in "mean" mode groups are all-padding or all-real, so the mean is 0 or
+1). Merge metrics get two extra channels: real tokens are ``(m/|m|, 2, 0)``, padding ``(0, 0, 1)``. After the
+op's L2 normalisation pad-pad similarity is 1 (the maximum, so padding merges first: it is free), pad-real
+similarity is exactly 0 and real-real similarity is ``(cos + 4) / 5 >= 0.6``, a monotone map of the plain
+cosine, so real tokens rank as without padding. A padded and a real token can then only meet if r exceeds
+the number of A tokens that have a B partner of their own kind; r is clamped to that per batch (one host
+sync per merge, only for padded batches), so a real token never merges with padding. Sizes stay token
+counts (>= 1, so all-padding groups average finitely); the key mask is ``size * real`` handed to
+``prop_attention`` (size 0 -> log 0 = -inf), rebuilt at the new length every layer.
+
+Decoder output: with dr > 0 there are fewer predictions, ``num_queries - sum(decoder_r)``, one per merged
+query (``model._tome_info["query_size"]`` counts the original queries in each, ``"query_source"`` maps them
+with ``trace_source``). DETR is a set predictor without NMS: unmerging would copy a merged query's box and
+score to all of its members, i.e. emit exact duplicate detections, so we return the merged set instead.
+
+After each forward, ``model._tome_info`` holds ``encoder_r`` / ``memory_r`` / ``decoder_r`` (merges made;
+r is clamped to half the tokens and, for padded batches, as above), ``memory_size``, ``memory_mask``
+([B, Nm] bool, None without padding), ``query_size``, and with ``trace_source`` ``source`` ([B, Nm, N0]: the
+flattened feature-map tokens each memory token holds), ``query_source`` ([B, Nq', num_queries]) and
+``token_mask`` ([B, N0] bool, real tokens; None without padding).
+
+Attention in the patched layers runs as ``torch.ops.tome.prop_attention`` or, with ``attn_impl="sdpa"``
+(the ``"auto"`` choice where no compiled tome backend serves the device), as PyTorch's SDPA with the same
+``log size`` float bias (-inf for padding keys).
+
+er = mr = dr = 0 runs transformers' own code unchanged (bit-identical outputs). Not supported while
+merging: ``output_attentions``, gradient checkpointing, ``auxiliary_loss`` with dr > 0,
+``DetrForSegmentation`` (its mask head needs the full feature map).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+
+import torch
+from torch import nn
+
+import tome_kernels  # noqa: F401  (registers torch.ops.tome)
+
+__all__ = ["detr", "apply_patch", "unpatch"]
+
+# Real tokens' constant metric channel: real-real similarity >= (a^2 - 1) / (a^2 + 1) = 0.6 > 0 = pad-real.
+_REAL_CHANNEL = 2.0
+_SUPPORTED_MAJOR = 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token state: one sequence being merged (encoder tokens -> memory, or decoder queries)
+# ----------------------------------------------------------------------------------------------------
+class _Tokens:
+    """Positions (+ padding flag as the last channel when padded), sizes, padding flags, source map."""
+
+    def __init__(self, num_tokens: int, pos, real, dtype, trace: bool, batch: int, device):
+        self.num_pos = None if pos is None else pos.shape[-1]
+        if real is not None and bool(real.all()):  # one host sync per forward: is there padding at all?
+            real = None
+        if real is not None:
+            flag = real.to(pos.dtype if pos is not None else dtype).unsqueeze(-1)
+            pos = flag if pos is None else torch.cat([pos, flag], dim=-1)
+        self.pos = pos
+        self.real = real          # [B, N] bool, None = no padding
+        self.size = None          # [B, N, 1] original tokens per token, None = all ones
+        self.source = (torch.eye(num_tokens, dtype=torch.float32, device=device).expand(batch, -1, -1)
+                       if trace else None)
+        self.initial_real = real
+        self.output = None        # the encoder output these tokens describe (identity check in the decoder)
+
+    @property
+    def pos_embed(self):
+        if self.num_pos is None:
+            return None
+        return self.pos if self.real is None else self.pos[..., :self.num_pos]
+
+    def attn_size(self, prop_attn: bool):
+        """The ``size`` argument of prop_attention: log size bias and/or 0 for padding keys (-inf)."""
+        size = self.size.detach() if (prop_attn and self.size is not None) else None
+        if self.real is not None:
+            real = self.real.unsqueeze(-1).to(self.pos.dtype)
+            size = real if size is None else size * real
+        return size
+
+
+class _Call:
+    """The state of one forward: encoder tokens, memory, queries and the merges made."""
+
+    def __init__(self):
+        self.enc = self.mem = self.dec = None
+        self.encoder_r, self.decoder_r, self.memory_r = [], [], 0
+
+
+def _pad_safe_r(real: torch.Tensor, r: int) -> int:
+    """Largest r <= ``r`` for which every merging A token has a B token of its own kind (real or padding)
+    in every batch row: the top-r A tokens then never pick a partner of the other kind (score 0)."""
+    a, b = real[:, 0::2], real[:, 1::2]
+    real_a, real_b = a.sum(1), b.sum(1)
+    pad_a, pad_b = a.shape[1] - real_a, b.shape[1] - real_b
+    zero = torch.zeros_like(real_a)
+    ok = torch.where(real_b > 0, real_a, zero) + torch.where(pad_b > 0, pad_a, zero)
+    return min(r, int(ok.min()))
+
+
+def _padding_metric(metric: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Real tokens -> (m/|m|, 2, 0), padding -> (0, 0, 1): see the module docstring."""
+    flag = real.unsqueeze(-1).to(metric.dtype)
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.cat([unit * flag, _REAL_CHANNEL * flag, 1.0 - flag], dim=-1)
+
+
+def _merge(x: torch.Tensor, tokens: _Tokens, r: int, metric: torch.Tensor, pos_mode: str):
+    """Merge r tokens of ``x`` (and of ``tokens``' pos / size / flags / source). Returns (x, merges made)."""
+    if tokens.real is not None:
+        r = _pad_safe_r(tokens.real, r) if r > 0 else 0
+        metric = _padding_metric(metric, tokens.real)
+    if r <= 0:
+        return x, 0
+    x, pos, size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
+        x, tokens.pos, tokens.size, r, metric, 0, pos_mode)
+    if tokens.pos is not None:
+        tokens.pos = pos
+    tokens.size = size
+    if tokens.real is not None:
+        tokens.real = pos[..., -1] > 0.5
+    if tokens.source is not None:
+        tokens.source = torch.ops.tome.merge_source(tokens.source, unm_idx, src_idx, dst_idx, 0)
+    return x, src_idx.shape[1]
+
+
+def _attention(attn: nn.Module, hidden: torch.Tensor, query_pos, memory: torch.Tensor, key_pos, size,
+               attn_impl: str):
+    """DETR attention (position added to queries and keys, not values), proportional: ``size`` as from
+    :meth:`_Tokens.attn_size`. Returns (output after o_proj, keys [B, H, Nk, D])."""
+    batch, num_q, _ = hidden.shape
+    num_k = memory.shape[1]
+    query_in = hidden if query_pos is None else hidden + query_pos
+    if memory is hidden and key_pos is query_pos:
+        key_in = query_in
+    else:
+        key_in = memory if key_pos is None else memory + key_pos
+    q = attn.q_proj(query_in).view(batch, num_q, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(key_in).view(batch, num_k, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(memory).view(batch, num_k, -1, attn.head_dim).transpose(1, 2)
+    dropout = attn.attention_dropout if attn.training else 0.0
+    if attn_impl == "op" and dropout == 0.0:
+        out = torch.ops.tome.prop_attention(q, k, v, size, float(attn.scaling))
+    else:
+        # The same logits through PyTorch's fused SDPA with a float bias (log 0 = -inf masks padding keys;
+        # every row keeps a real key); also the path for attention dropout, which prop_attention lacks.
+        bias = None if size is None else size.to(q.dtype).log().reshape(batch, 1, 1, num_k)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                                         scale=float(attn.scaling))
+    out = out.transpose(1, 2).reshape(batch, num_q, -1)
+    return attn.o_proj(out), k
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activity and checks
+# ----------------------------------------------------------------------------------------------------
+def _encoder_active(info) -> bool:
+    return info["er"] > 0 or info["_force"]
+
+
+def _decoder_active(info) -> bool:
+    return info["er"] > 0 or info["mr"] > 0 or info["dr"] > 0 or info["_force"]
+
+
+def _check_forward(module, info, kwargs) -> None:
+    if not _decoder_active(info):
+        return
+    config = module.config
+    name = "tome_kernels.patch.detr"
+    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        raise NotImplementedError(f"{name}: output_attentions is not available while merging (er/mr/dr > 0): "
+                                  "prop_attention does not return attention weights; set er = mr = dr = 0")
+    if module.training and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
+        raise NotImplementedError(f"{name}: gradient checkpointing re-runs layers whose merges update shared "
+                                  "state; disable it while merging")
+    if info["dr"] > 0 and config.auxiliary_loss:
+        raise NotImplementedError(f"{name}: auxiliary_loss stacks every decoder layer's queries, which have "
+                                  "different lengths when dr > 0; set dr = 0 or auxiliary_loss = False")
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"tome: {what} must be an int >= 0, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"tome: {what} must be an int >= 0, got {type(value).__name__} {value!r}") from None
+    if count < 0:
+        raise ValueError(f"tome: {what} must be >= 0, got {count}")
+    return count
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _bind(module: nn.Module, args, kwargs) -> dict:
+    """The call's arguments by name (the original forward's signature), var-keyword ones merged in."""
+    signature = _signature(type(module))
+    bound = signature.bind(module, *args, **kwargs)
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(signature.parameters)))  # self
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
+
+
+def _current_call(info) -> _Call:
+    if info.get("_call") is None:  # encoder / decoder called on their own
+        info["_call"] = _Call()
+    return info["_call"]
+
+
+def _initial_tokens(x: torch.Tensor, mask, pos, trace: bool) -> _Tokens:
+    batch, num_tokens = x.shape[:2]
+    if pos is not None and pos.shape[:2] != (batch, num_tokens):
+        raise ValueError(f"tome_kernels.patch.detr: positional embeddings {tuple(pos.shape)} do not match the "
+                         f"{num_tokens} tokens of shape {tuple(x.shape)}")
+    real = None
+    if mask is not None:
+        if mask.dim() != 2 or tuple(mask.shape) != (batch, num_tokens):
+            raise ValueError(f"tome_kernels.patch.detr: expected a [batch, tokens] = [{batch}, {num_tokens}] mask, "
+                             f"got shape {tuple(mask.shape)}")
+        real = mask.to(device=x.device, dtype=torch.bool)
+    return _Tokens(num_tokens, pos, real, x.dtype, trace, batch, x.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hooks on the encoder / decoder instances (they look the state up on the module, never in a closure,
+# so a deepcopy of the model uses its own state; without _tome_info they do nothing)
+# ----------------------------------------------------------------------------------------------------
+def _encoder_pre_hook(module, args, kwargs):
+    info = getattr(module, "_tome_info", None)
+    if info is None or not _encoder_active(info):
+        return None
+    arguments = _bind(module, args, kwargs)
+    x = arguments.get("inputs_embeds")
+    call = _current_call(info)
+    call.enc = _initial_tokens(x, arguments.get("attention_mask"), arguments.get("spatial_position_embeddings"),
+                               info["trace_source"])
+    call.encoder_r = []
+    return None
+
+
+def _encoder_hook(module, args, kwargs, output):
+    info = getattr(module, "_tome_info", None)
+    call = None if info is None else info.get("_call")
+    if call is not None and call.enc is not None and _encoder_active(info):
+        call.enc.output = output[0]
+    return None
+
+
+def _decoder_pre_hook(module, args, kwargs):
+    info = getattr(module, "_tome_info", None)
+    if info is None or not _decoder_active(info):
+        return None
+    arguments = _bind(module, args, kwargs)
+    memory = arguments.get("encoder_hidden_states")
+    queries = arguments.get("inputs_embeds")
+    call = _current_call(info)
+    if memory is not None:
+        tokens = call.enc if (call.enc is not None and call.enc.output is memory) else None
+        if tokens is None:  # memory from elsewhere (e.g. encoder_outputs=...): must still be full length
+            tokens = _initial_tokens(memory, arguments.get("encoder_attention_mask"),
+                                     arguments.get("spatial_position_embeddings"), info["trace_source"])
+        memory, call.memory_r = _merge(memory, tokens, info["mr"], memory, info["pos_mode"])
+        call.mem = tokens
+        arguments["encoder_hidden_states"] = memory
+        arguments["spatial_position_embeddings"] = tokens.pos_embed
+        arguments["encoder_attention_mask"] = None  # the layers mask through call.mem (size 0 = padding)
+    call.dec = _initial_tokens(queries, arguments.get("attention_mask"),
+                               arguments.get("object_queries_position_embeddings"), info["trace_source"])
+    call.decoder_r = []
+    arguments["attention_mask"] = None
+    return (), arguments
+
+
+_HOOKS = (_encoder_pre_hook, _encoder_hook, _decoder_pre_hook)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ToMe subclasses (mixins; the concrete classes are made per original class by _patched_class)
+# ----------------------------------------------------------------------------------------------------
+class _ToMeEncoderLayer:
+    def forward(self, hidden_states, attention_mask=None, spatial_position_embeddings=None, **kwargs):
+        info = self._tome_info
+        call = info.get("_call")
+        if not _encoder_active(info) or call is None or call.enc is None:
+            return super().forward(hidden_states, attention_mask, spatial_position_embeddings, **kwargs)
+        tokens = call.enc
+        if tokens.pos is not None and tokens.pos.shape[1] != hidden_states.shape[1]:
+            raise RuntimeError(f"tome_kernels.patch.detr: encoder layer got {hidden_states.shape[1]} tokens, "
+                               f"the merge state has {tokens.pos.shape[1]}")
+        pos = tokens.pos_embed
+        residual = hidden_states
+        hidden_states, keys = _attention(self.self_attn, hidden_states, pos, hidden_states, pos,
+                                         tokens.attn_size(info["prop_attn"]), info["attn_impl"])
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+
+        hidden_states, merged = _merge(hidden_states, tokens, info["er"], keys.mean(1), info["pos_mode"])
+        call.encoder_r.append(merged)
+
+        residual = hidden_states
+        hidden_states = self.final_layer_norm(residual + self.mlp(hidden_states))
+        if self.training and not torch.isfinite(hidden_states).all():
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states
+
+
+class _ToMeDecoderLayer:
+    def forward(self, hidden_states, attention_mask=None, spatial_position_embeddings=None,
+                object_queries_position_embeddings=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                **kwargs):
+        info = self._tome_info
+        call = info.get("_call")
+        if not _decoder_active(info) or call is None or call.dec is None:
+            return super().forward(hidden_states, attention_mask, spatial_position_embeddings,
+                                   object_queries_position_embeddings, encoder_hidden_states,
+                                   encoder_attention_mask=encoder_attention_mask, **kwargs)
+        queries, prop_attn = call.dec, info["prop_attn"]
+        query_pos = queries.pos_embed
+        residual = hidden_states
+        hidden_states, _ = _attention(self.self_attn, hidden_states, query_pos, hidden_states, query_pos,
+                                      queries.attn_size(prop_attn), info["attn_impl"])
+        hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+
+        if encoder_hidden_states is not None:
+            memory = call.mem
+            residual = hidden_states
+            hidden_states, _ = _attention(self.encoder_attn, hidden_states, query_pos, encoder_hidden_states,
+                                          memory.pos_embed, memory.attn_size(prop_attn), info["attn_impl"])
+            hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+            hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
+
+        hidden_states, merged = _merge(hidden_states, queries, info["dr"], hidden_states, info["pos_mode"])
+        call.decoder_r.append(merged)
+
+        residual = hidden_states
+        return self.final_layer_norm(residual + self.mlp(hidden_states))
+
+
+def _merge_count_property(name: str):
+    def getter(self):
+        return self._tome_info[name]
+
+    def setter(self, value):
+        self._tome_info[name] = _count(value, name)
+
+    return property(getter, setter, doc=f"ToMe merges: {name} (see tome_kernels.patch.detr)")
+
+
+class _ToMeDetr:
+    """Top-level model (DetrForObjectDetection or DetrModel): er / mr / dr, one state per forward."""
+
+    er = _merge_count_property("er")
+    mr = _merge_count_property("mr")
+    dr = _merge_count_property("dr")
+
+    def forward(self, *args, **kwargs):
+        info = self._tome_info
+        if info["_depth"] == 0:
+            _check_forward(self, info, kwargs)
+            info["_call"] = _Call()
+        info["_depth"] += 1
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            info["_depth"] -= 1
+            if info["_depth"] == 0:
+                _finish(info)
+
+
+def _finish(info) -> None:
+    call, info["_call"] = info.get("_call"), None
+    if call is None:
+        return
+    memory, queries = call.mem, call.dec
+    info.update(encoder_r=list(call.encoder_r), memory_r=call.memory_r, decoder_r=list(call.decoder_r),
+                memory_size=None if memory is None else memory.size,
+                memory_mask=None if memory is None else memory.real,
+                query_size=None if queries is None else queries.size,
+                source=None if memory is None else memory.source,
+                query_source=None if queries is None else queries.source,
+                token_mask=None if memory is None else memory.initial_real)
+
+
+_CLASSES: dict = {}
+
+
+def _patched_class(cls: type, mixin: type, keep_name: bool = False) -> type:
+    """``cls`` with ``mixin``'s methods first (made once per pair). Top-level models keep their class name so
+    ``save_pretrained`` still writes a loadable ``architectures`` entry."""
+    original = getattr(cls, "_tome_original_class", cls)
+    key = (original, mixin)
+    if key not in _CLASSES:
+        name = original.__name__ if keep_name else f"ToMe{original.__name__}"
+        _CLASSES[key] = type(name, (mixin, original), {"_tome_original_class": original,
+                                                       "__module__": __name__})
+    return _CLASSES[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------
+def _modeling_detr():
+    try:
+        import transformers
+        from transformers.models.detr import modeling_detr
+    except ImportError as error:
+        raise ImportError(f"tome_kernels.patch.detr needs transformers {_SUPPORTED_MAJOR}.x ({error}); "
+                          f"pip install 'transformers>={_SUPPORTED_MAJOR},<{_SUPPORTED_MAJOR + 1}'") from None
+    major = int(transformers.__version__.split(".")[0])
+    if major != _SUPPORTED_MAJOR:
+        raise RuntimeError(f"tome_kernels.patch.detr supports transformers {_SUPPORTED_MAJOR}.x (its DETR layer "
+                           f"signatures); found transformers {transformers.__version__}")
+    return modeling_detr
+
+
+def _class_name(obj) -> str:
+    cls = getattr(type(obj), "_tome_original_class", type(obj))
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_supported(md, model) -> nn.Module:
+    """Return the DetrModel inside ``model`` or raise a clear TypeError."""
+    if isinstance(model, md.DetrForObjectDetection):
+        detr_model = model.model
+    elif isinstance(model, md.DetrModel):
+        detr_model = model
+    elif isinstance(model, md.DetrForSegmentation):
+        raise TypeError("tome_kernels.patch.detr: DetrForSegmentation is not supported (its mask head reads the "
+                        "encoder memory as a full feature map); patch DetrForObjectDetection or DetrModel")
+    else:
+        raise TypeError(f"tome_kernels.patch.detr supports transformers DetrForObjectDetection and DetrModel, got "
+                        f"{_class_name(model)}")
+    # Subclasses that keep the forwards are fine; another forward would be silently replaced.
+    checks = [(detr_model.encoder, md.DetrEncoder), (detr_model.decoder, md.DetrDecoder)]
+    checks += [(layer, md.DetrEncoderLayer) for layer in detr_model.encoder.layers]
+    checks += [(layer, md.DetrDecoderLayer) for layer in detr_model.decoder.layers]
+    for module, expected in checks:
+        cls = getattr(type(module), "_tome_original_class", type(module))
+        if not isinstance(module, expected) or cls.forward is not expected.forward:
+            raise TypeError(f"tome_kernels.patch.detr: {_class_name(module)} is not {expected.__name__} (or a "
+                            f"subclass keeping its forward); this transformers version is not supported")
+    return detr_model
+
+
+_ATTN_IMPLS = ("auto", "op", "sdpa")
+
+
+def _resolve_attn_impl(attn_impl: str, model: nn.Module) -> str:
+    """``auto``: ``torch.ops.tome.prop_attention`` where a compiled tome backend serves the model's device
+    (or a backend was chosen by hand), else PyTorch's SDPA with a ``log size`` float bias: the torch
+    reference's explicit softmax is ~3x slower than SDPA on CPU (DETR's N = 850 encoder layer: 102 vs 37 ms)."""
+    if attn_impl not in _ATTN_IMPLS:
+        raise ValueError(f"tome_kernels.patch.detr: attn_impl must be one of {_ATTN_IMPLS}, got {attn_impl!r}")
+    if attn_impl != "auto":
+        return attn_impl
+    if tome_kernels.get_backend() != "auto":
+        return "op"
+    device = next(model.parameters(), torch.empty(0)).device
+    compiled = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    usable = tome_kernels.available_backends(device.type)
+    return "op" if any(usable.get(name) is None for name in compiled) else "sdpa"
+
+
+def apply_patch(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: bool = True,
+                pos_mode: str = "keep", trace_source: bool = False, attn_impl: str = "auto") -> nn.Module:
+    """Make ``model`` (transformers ``DetrForObjectDetection`` or ``DetrModel``) a ToMe model in place.
+
+    ``er``: encoder tokens merged per encoder layer; ``mr``: memory tokens merged once before the decoder;
+    ``dr``: object queries merged per decoder layer (fewer predictions come out, see the module docstring).
+    ``prop_attn``: proportional attention (``+ log size``); ``pos_mode``: ``"keep"`` or ``"mean"``;
+    ``trace_source``: record which tokens / queries each merged one holds in ``model._tome_info``.
+    ``attn_impl``: how the patched attention runs, ``"op"`` (``torch.ops.tome.prop_attention``), ``"sdpa"``
+    (``F.scaled_dot_product_attention`` with a ``log size`` float bias: the same function) or ``"auto"``
+    (``"op"`` where a compiled tome backend serves the model's device, else ``"sdpa"``); decided here.
+    Attention dropout in training always takes the SDPA path. Patching a patched model updates its settings.
+    Returns ``model``.
+    """
+    md = _modeling_detr()
+    detr_model = _check_supported(md, model)
+    if pos_mode not in ("keep", "mean"):
+        raise ValueError(f"tome_kernels.patch.detr: pos_mode must be 'keep' or 'mean', got {pos_mode!r}")
+    counts = {name: _count(value, name) for name, value in (("er", er), ("mr", mr), ("dr", dr))}
+    info = getattr(model, "_tome_info", None)
+    if info is None:
+        info = {"_call": None, "_depth": 0, "_force": False}
+    info.update(counts, prop_attn=bool(prop_attn), pos_mode=pos_mode, trace_source=bool(trace_source),
+                attn_impl=_resolve_attn_impl(attn_impl, model))
+
+    for top in {id(model): model, id(detr_model): detr_model}.values():
+        top.__class__ = _patched_class(type(top), _ToMeDetr, keep_name=True)
+        top._tome_info = info
+    for layer in detr_model.encoder.layers:
+        layer.__class__ = _patched_class(type(layer), _ToMeEncoderLayer)
+        layer._tome_info = info
+    for layer in detr_model.decoder.layers:
+        layer.__class__ = _patched_class(type(layer), _ToMeDecoderLayer)
+        layer._tome_info = info
+    encoder, decoder = detr_model.encoder, detr_model.decoder
+    # Registered once per instance; no handles kept (a deepcopy would share them with the original).
+    if _encoder_pre_hook not in encoder._forward_pre_hooks.values():
+        encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
+    if _encoder_hook not in encoder._forward_hooks.values():
+        encoder.register_forward_hook(_encoder_hook, with_kwargs=True)
+    if _decoder_pre_hook not in decoder._forward_pre_hooks.values():
+        decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+    encoder._tome_info = decoder._tome_info = info
+    return model
+
+
+detr = apply_patch
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_patch` in place (classes, hooks, ToMe attributes) and return ``model``."""
+    for module in model.modules():
+        for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+                                   (module._forward_hooks, module._forward_hooks_with_kwargs)):
+            for key in [key for key, hook in hooks.items() if hook in _HOOKS]:
+                del hooks[key]
+                with_kwargs.pop(key, None)
+        original = getattr(type(module), "_tome_original_class", None)
+        if original is not None:
+            module.__class__ = original
+        module.__dict__.pop("_tome_info", None)
+    return model
