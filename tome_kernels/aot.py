@@ -79,7 +79,8 @@ def compile_one(index: int, arch: int) -> dict:
 
 def _init_worker(cache_dir: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: every kernel really compiles (and logs ptxas)
-    triton.knobs.nvidia.dump_ptxas_log = True
+    if hasattr(triton.knobs.nvidia, "dump_ptxas_log"):  # else the cuobjdump fallback reports the usage
+        triton.knobs.nvidia.dump_ptxas_log = True
 
 
 def main(argv=None) -> int:

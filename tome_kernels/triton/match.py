@@ -16,7 +16,7 @@ ties); A tokens are ranked by best score, descending, ties to the lower position
    that sort before it: ``rank[i] = #{j : s_j > s_i or (s_j == s_i and j < i)}`` — exactly the stable
    descending order. It then scatters ``src/dst`` to ``rank < r`` and the unmerged tokens either to
    ``rank - r`` (protected == 0, rank order) or, with a running count, in ascending position
-   (protected >= 1).
+   (protected >= 1, or r = 0 after the clamp: every op then returns its input unchanged).
 
 Why count instead of ``tl.sort`` or a torch sort: the ranking has to see the whole row, and a torch sort
 is several launches (sort, gathers, the second sort of the unmerged tokens) where the launch budget of a
@@ -169,7 +169,7 @@ def match(metric: torch.Tensor, r: int, protected: int):
         _match_rank_kernel[(batch,)](
             unm_idx, src_idx, dst_idx, best_score, best_b, n_a, r,
             reference.first_a(protected), reference.first_b(protected),
-            UNM_ASCENDING=protected >= 1, BLOCK_I=_RANK_BLOCK, BLOCK_J=_RANK_BLOCK, num_warps=_RANK_WARPS)
+            UNM_ASCENDING=protected >= 1 or r == 0, BLOCK_I=_RANK_BLOCK, BLOCK_J=_RANK_BLOCK, num_warps=_RANK_WARPS)
     return unm_idx, src_idx, dst_idx
 
 

@@ -35,14 +35,16 @@ from ._common import AotSpec, AOT_DTYPES, acc_dtype, device_guard, next_pow2
 
 
 @triton.jit
-def _representatives(o, mask_o, unm_ptr, num_unm, protected, first_b):
-    """Input position of output tokens ``o`` and their B slot (< 0 for protected / unmerged tokens)."""
+def _representatives(o, mask_o, unm_ptr, num_unm, protected, first_b, r):
+    """Input position of output tokens ``o`` and their B slot (< 0 for protected / unmerged tokens).
+    With r = 0 the layout is the identity (reference.py: every op returns its input unchanged)."""
     u = o - protected
     is_unm = (u >= 0) & (u < num_unm)
-    unm_pos = tl.load(unm_ptr + u, mask=mask_o & is_unm, other=0)
+    unm_pos = tl.load(unm_ptr + u, mask=mask_o & is_unm & (r > 0), other=0)
     slot = u - num_unm
     rep = tl.where(o < protected, o, tl.where(is_unm, unm_pos, first_b + 2 * slot))
-    return rep, tl.where(mask_o, slot, -1)
+    rep = tl.where(r > 0, rep, o.to(rep.dtype))
+    return rep, tl.where(mask_o & (r > 0), slot, -1)
 
 
 @triton.jit
@@ -124,7 +126,7 @@ def _merge_fwd_kernel(
     src_ptr += batch * r
     dst_ptr += batch * r
     size_ptr += batch * num_tokens
-    rep, slot = _representatives(o, mask_o, unm_ptr, num_unm, protected, first_b)
+    rep, slot = _representatives(o, mask_o, unm_ptr, num_unm, protected, first_b, r)
     if pid_c < x_blocks:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         w_sum = _gather_reduce(out_ptr, (batch * num_out + o) * channels, x_ptr + batch * stride_xb, stride_xn,
@@ -180,7 +182,7 @@ def _merge_bwd_kernel(
     size_ptr += batch * num_tokens
     size_out_ptr += batch * num_out
     # Items t < N - r: output token t -> its representative. Items N - r + k: source k -> src_idx[k].
-    rep, slot = _representatives(t, mask_t & is_rep, unm_ptr, num_unm, protected, first_b)
+    rep, slot = _representatives(t, mask_t & is_rep, unm_ptr, num_unm, protected, first_b, r)
     k = t - num_out
     is_src = mask_t & (k >= 0)
     src = tl.load(src_ptr + k, mask=is_src, other=0)
