@@ -17,8 +17,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # under the interpreter every kernel also runs in float64, so fp64 gradcheck exercises the kernels' math.
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-             torch.float64: tl.float64}
 AOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

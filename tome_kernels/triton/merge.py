@@ -191,8 +191,8 @@ def _merge_bwd_kernel(
     o = tl.where(is_rep, t, protected + num_unm + (dst - first_b) // 2)
     if SCALE:  # a representative whose group has no sources is a singleton: its gradient passes unscaled
         passthrough = is_rep & (_count_sources(slot, dst_ptr, r, first_b, BLOCK_T, BLOCK_R) == 0)
-    else:
-        passthrough = is_rep | is_src
+    else:  # unmerge: every row is a plain copy (passthrough is not used)
+        passthrough = is_rep
     if pid_c < x_blocks:
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         _spread(out_ptr, (batch * num_tokens + dest) * channels, g_ptr + batch * stride_gb, stride_gn, stride_gc,
