@@ -221,7 +221,7 @@ def test_noncontiguous_and_expanded_inputs(backend):
 @pytest.mark.parametrize("pos_mode", ["keep", "mean"])
 @pytest.mark.parametrize("protected", [0, 2])
 def test_bipartite_merge_gradcheck(backend, pos_mode, protected):
-    device, _ = backend
+    device, name = backend
     x = make_tokens(2, 11, 3, torch.float64, device).requires_grad_()
     pos = make_tokens(2, 11, 2, torch.float64, device, 5).requires_grad_()
     size = (make_size(2, 11, torch.float64, device) + 0.5).requires_grad_()
@@ -231,18 +231,21 @@ def test_bipartite_merge_gradcheck(backend, pos_mode, protected):
         return torch.ops.tome.bipartite_merge(x, pos, size, 3, metric=metric, protected=protected,
                                               pos_mode=pos_mode)[:3]
 
-    assert torch.autograd.gradcheck(step, (x, pos, size))
+    # The Triton interpreter costs ~30 ms per program: directional (fast_mode) checks keep it to seconds.
+    assert torch.autograd.gradcheck(step, (x, pos, size), fast_mode=name == "triton")
 
 
 def test_unmerge_and_attention_gradcheck(backend):
-    device, _ = backend
+    device, name = backend
     metric = tie_free_metric(2, 12, 64, torch.float64, device)
     indices = torch.ops.tome.bipartite_match(metric, 4, 1)
     y = make_tokens(2, 8, 3, torch.float64, device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda y: torch.ops.tome.unmerge(y, *indices, 1), (y,))
+    fast = name == "triton"
+    assert torch.autograd.gradcheck(lambda y: torch.ops.tome.unmerge(y, *indices, 1), (y,), fast_mode=fast)
     q, k, v = (make_tokens(2, 7, 8, torch.float64, device, s).view(1, 2, 7, 8).requires_grad_() for s in (1, 2, 3))
     size = make_size(1, 7, torch.float64, device)
-    assert torch.autograd.gradcheck(lambda q, k, v: torch.ops.tome.prop_attention(q, k, v, size), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: torch.ops.tome.prop_attention(q, k, v, size), (q, k, v),
+                                    fast_mode=fast)
 
 
 def _opcheck_cases(device):

@@ -121,6 +121,10 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 0) -> tuple[Tensor,
     :mod:`tome_kernels.reference` for the layout; equivalent PyTorch: ``reference.match``.
     """
     _check_match(metric, r, protected)
+    if reference.clamp_r(r, metric.shape[1], protected) == 0:  # nothing merges: the identity layout
+        unm_idx = reference.a_positions(metric.shape[1], protected, metric.device).expand(metric.shape[0], -1)
+        empty = metric.new_empty(metric.shape[0], 0, dtype=torch.long)
+        return unm_idx.clone(), empty, empty.clone()
     return resolve(metric.device).match(metric, r, protected)
 
 
