@@ -4,6 +4,7 @@
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
-                               "tome_kernels kernels, registered as torch.ops.tome._native_*", -1, nullptr};
+                               "tome_kernels kernels, registered as torch.ops.tome._native_*", -1, nullptr,
+                               nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }
