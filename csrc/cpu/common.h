@@ -127,6 +127,7 @@ class Groups {
 
     group_.resize(batch * num_tokens);
     role_.assign(batch * num_tokens, kAlone);
+    merged_group_.resize(batch * num_tokens);
     member_offsets_.push_back(0);
     std::vector<int32_t> offsets(nb + 1);
     std::vector<int64_t> sources(r);
@@ -141,6 +142,7 @@ class Groups {
         std::sort(members_.begin() + first, members_.end());
         for (auto m = members_.begin() + first; m != members_.end(); ++m) role_[b * num_tokens + *m] = kSource;
         role_[b * num_tokens + layout_.b_position(j)] = kRepresentative;
+        merged_group_[b * num_tokens + layout_.b_position(j)] = static_cast<int64_t>(merged_.size());
         merged_.push_back(b * layout_.num_out() + layout_.b_output(j));
         member_offsets_.push_back(static_cast<int64_t>(members_.size()));
       }
@@ -156,6 +158,7 @@ class Groups {
   Role role(int64_t t) const { return static_cast<Role>(role_[t]); }
   // Merged group k: output token (b * num_out + o), and its members' positions n in ascending order.
   int64_t num_merged() const { return static_cast<int64_t>(merged_.size()); }
+  int64_t merged_group_of(int64_t t) const { return merged_group_[t]; }  // t must be a kRepresentative
   int64_t merged_output(int64_t k) const { return merged_[k]; }
   const int64_t* members_begin(int64_t k) const { return members_.data() + member_offsets_[k]; }
   const int64_t* members_end(int64_t k) const { return members_.data() + member_offsets_[k + 1]; }
@@ -165,6 +168,7 @@ class Groups {
   int64_t batch_;
   std::vector<int64_t> group_;           // [batch, N]: output token of every token
   std::vector<uint8_t> role_;            // [batch, N]: Role
+  std::vector<int64_t> merged_group_;    // [batch, N]: the merged group a representative stands for
   std::vector<int64_t> merged_;          // [merged groups]: b * num_out + o
   std::vector<int64_t> member_offsets_;  // [merged groups + 1]
   std::vector<int64_t> members_;         // positions, grouped, ascending within a group

@@ -7,7 +7,7 @@
 //    98 x 98 scores per row). The product is at::bmm into a per-thread buffer, single-threaded inside the
 //    OpenMP region, followed by a max/argmax per A row.
 // 3. Per batch row: stable descending sort of the best scores (ties -> lower A position); the first r are the
-//    sources, the rest unmerged (re-sorted by position when protected >= 1 or r = 0).
+//    sources, the rest unmerged (re-sorted by position when protected >= 1; r = 0 skips all of this).
 // Tiles depend on the shapes only, not on the thread count, so results are bit-identical for any thread count.
 #include <torch/library.h>
 
@@ -47,8 +47,8 @@ bool normalise_row(const scalar_t* row, acc_t* dst, int64_t channels) {
   }
   acc_t squares = 0;
   for (int l = 0; l < kLanes; ++l) squares += partial[l];
-  const acc_t norm = std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));
-  for (c = 0; c < channels; ++c) dst[c] /= norm;
+  const acc_t inverse = 1 / std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));  // within an ulp of /
+  for (c = 0; c < channels; ++c) dst[c] *= inverse;
   if (std::isfinite(squares)) return false;  // finite inputs: |dst| <= 1
   return std::any_of(dst, dst + channels, [](acc_t v) { return std::isnan(v); });
 }
@@ -165,19 +165,26 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     });
   }
 
-  parallel_chunks(batch, std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t rank_grain = std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1));
+  parallel_chunks(batch, rank_grain, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<acc_t, int64_t>> ranked(na);
     std::vector<int64_t> order(na);
     for (int64_t b = begin; b < end; ++b) {
-      const acc_t* score = best_score.data() + b * na;
-      // Descending, NaN first (as torch.sort); stable, so ties keep the lower A position first.
-      auto key = [&](int64_t i) { return std::isnan(score[i]) ? INFINITY : score[i]; };
-      std::iota(order.begin(), order.end(), int64_t(0));
-      std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return key(i) > key(j); });
+      // Descending score, NaN first (as torch.sort), ties to the lower A position: a total order on
+      // (score, position), so an unstable sort of contiguous pairs gives the stable sort's result.
+      for (int64_t i = 0; i < na; ++i) {
+        const acc_t score = best_score[b * na + i];
+        ranked[i] = {std::isnan(score) ? std::numeric_limits<acc_t>::infinity() : score, i};
+      }
+      std::sort(ranked.begin(), ranked.end(), [](const auto& x, const auto& y) {
+        return x.first > y.first || (x.first == y.first && x.second < y.second);
+      });
+      for (int64_t i = 0; i < na; ++i) order[i] = ranked[i].second;
       for (int64_t k = 0; k < r; ++k) {
         src_idx[b * r + k] = layout.a_position(order[k]);
         dst_idx[b * r + k] = layout.b_position(best_b[b * na + order[k]]);
       }
-      if (layout.protected_tokens >= 1 || r == 0) std::sort(order.begin() + r, order.end());
+      if (layout.protected_tokens >= 1) std::sort(order.begin() + r, order.end());
       for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(order[r + k]);
     }
   });

@@ -2,9 +2,9 @@
 //
 // The N-token side is visited in token order, parallel over (batch row, token): merge reads it and
 // unmerge writes it sequentially, which measured 1.5x faster than visiting the output tokens (whose rows
-// interleave the A and B positions). Tokens that merged with nothing are copied (bit-exact); each merged
-// group is then summed by one thread over its members in ascending position, the order of the reference's
-// scatter_add: no atomics, and the same bits for any thread count.
+// interleave the A and B positions). Tokens that merged with nothing are copied (bit-exact); a merged group
+// is summed by the thread that reaches its representative, over its members in ascending position (the
+// order of the reference's scatter_add): no atomics, and the same bits for any thread count.
 #include <torch/library.h>
 
 #include "common.h"
@@ -21,23 +21,21 @@ void copy_row(const scalar_t* from, scalar_t* to, int64_t channels) {
 
 // out[o] = sum of w_n * in[n] over the members n of output token o, divided by size_out[o] when given
 // (weighted mean); no weight means w_n = 1. With rep_only, out[o] = in[representative of o] (pos passthrough).
+// One parallel pass: the thread whose chunk holds a group's representative (its B token, just streamed,
+// so hot in cache) sums the group; sources elsewhere are only read.
 template <class scalar_t, class acc_t>
 void reduce_groups(const Groups& g, const scalar_t* in, scalar_t* out, int64_t channels, const acc_t* weight,
                    const acc_t* size_out, bool rep_only) {
-  parallel_chunks(g.batch() * g.num_tokens(), row_grain(channels), [&](int64_t begin, int64_t end) {
+  const int64_t num_tokens = g.num_tokens();
+  parallel_chunks(g.batch() * num_tokens, row_grain(channels), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> total(rep_only ? 0 : channels);
     for (int64_t t = begin; t < end; ++t) {
       const auto role = g.role(t);
       if (role == Groups::kAlone || (rep_only && role == Groups::kRepresentative)) {
         copy_row(in + t * channels, out + g.output_of(t) * channels, channels);
       }
-    }
-  });
-  if (rep_only) return;
-  const int64_t num_tokens = g.num_tokens(), num_out = g.num_out();
-  parallel_chunks(g.num_merged(), std::max<int64_t>(1, row_grain(channels) / 2), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> total(channels);
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t o = g.merged_output(k), base = (o / num_out) * num_tokens;
+      if (rep_only || role != Groups::kRepresentative) continue;
+      const int64_t k = g.merged_group_of(t), base = t - t % num_tokens;
       for (const int64_t* m = g.members_begin(k); m != g.members_end(k); ++m) {
         const scalar_t* row = in + (base + *m) * channels;
         const acc_t w = weight == nullptr ? acc_t(1) : weight[base + *m];
@@ -47,6 +45,7 @@ void reduce_groups(const Groups& g, const scalar_t* in, scalar_t* out, int64_t c
           for (int64_t c = 0; c < channels; ++c) total[c] += w * static_cast<acc_t>(row[c]);
         }
       }
+      const int64_t o = g.merged_output(k);
       scalar_t* dst = out + o * channels;
       if (size_out == nullptr) {
         for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(total[c]);
