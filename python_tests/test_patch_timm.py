@@ -321,3 +321,12 @@ def test_make_visualization_fills_groups_with_mean_colour():
     assert out.shape == (8, 8, 3)
     assert (out[1, 1] == 60).all() and (out[6, 6] == 60).all() and (out[6, 1] == 200).all()  # group means
     assert (out[3, 1] == 255).all() and (out[4, 1] == 255).all() and (out[1, 3] == 60).all()  # outline only
+
+
+def test_attn_impl_auto():
+    model = make("vit_tiny_patch16_224", depth=1, img_size=64)
+    assert tome_kernels.patch.timm(model)._tome_info["attn_impl"] == "sdpa"  # CPU: SDPA is the fast path
+    with tome_kernels.use_backend("torch"):  # a backend chosen by hand runs
+        assert tome_kernels.patch.timm(model)._tome_info["attn_impl"] == "op"
+    with pytest.raises(ValueError, match="attn_impl"):
+        tome_kernels.patch.timm(model, attn_impl="flash")
