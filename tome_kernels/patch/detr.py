@@ -55,12 +55,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import operator
 
 import torch
 from torch import nn
 
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
+
+from ._common import merge_count, resolve_attn_impl
 
 __all__ = ["detr", "apply_patch", "unpatch"]
 
@@ -202,18 +203,6 @@ def _check_forward(module, info, kwargs) -> None:
     if info["dr"] > 0 and config.auxiliary_loss:
         raise NotImplementedError(f"{name}: auxiliary_loss stacks every decoder layer's queries, which have "
                                   "different lengths when dr > 0; set dr = 0 or auxiliary_loss = False")
-
-
-def _count(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"tome: {what} must be an int >= 0, got {value!r}")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise TypeError(f"tome: {what} must be an int >= 0, got {type(value).__name__} {value!r}") from None
-    if count < 0:
-        raise ValueError(f"tome: {what} must be >= 0, got {count}")
-    return count
 
 
 @functools.lru_cache(maxsize=None)
@@ -375,7 +364,7 @@ def _merge_count_property(name: str):
         return self._tome_info[name]
 
     def setter(self, value):
-        self._tome_info[name] = _count(value, name)
+        self._tome_info[name] = merge_count(value, name)
 
     return property(getter, setter, doc=f"ToMe merges: {name} (see tome_kernels.patch.detr)")
 
@@ -476,25 +465,6 @@ def _check_supported(md, model) -> nn.Module:
     return detr_model
 
 
-_ATTN_IMPLS = ("auto", "op", "sdpa")
-
-
-def _resolve_attn_impl(attn_impl: str, model: nn.Module) -> str:
-    """``auto``: ``torch.ops.tome.prop_attention`` where a compiled tome backend serves the model's device
-    (or a backend was chosen by hand), else PyTorch's SDPA with a ``log size`` float bias: the torch
-    reference's explicit softmax is ~3x slower than SDPA on CPU (DETR's N = 850 encoder layer: 102 vs 37 ms)."""
-    if attn_impl not in _ATTN_IMPLS:
-        raise ValueError(f"tome_kernels.patch.detr: attn_impl must be one of {_ATTN_IMPLS}, got {attn_impl!r}")
-    if attn_impl != "auto":
-        return attn_impl
-    if tome_kernels.get_backend() != "auto":
-        return "op"
-    device = next(model.parameters(), torch.empty(0)).device
-    compiled = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    usable = tome_kernels.available_backends(device.type)
-    return "op" if any(usable.get(name) is None for name in compiled) else "sdpa"
-
-
 def apply_patch(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: bool = True,
                 pos_mode: str = "keep", trace_source: bool = False, attn_impl: str = "auto") -> nn.Module:
     """Make ``model`` (transformers ``DetrForObjectDetection`` or ``DetrModel``) a ToMe model in place.
@@ -513,12 +483,12 @@ def apply_patch(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_at
     detr_model = _check_supported(md, model)
     if pos_mode not in ("keep", "mean"):
         raise ValueError(f"tome_kernels.patch.detr: pos_mode must be 'keep' or 'mean', got {pos_mode!r}")
-    counts = {name: _count(value, name) for name, value in (("er", er), ("mr", mr), ("dr", dr))}
+    counts = {name: merge_count(value, name) for name, value in (("er", er), ("mr", mr), ("dr", dr))}
     info = getattr(model, "_tome_info", None)
     if info is None:
         info = {"_call": None, "_depth": 0, "_force": False}
     info.update(counts, prop_attn=bool(prop_attn), pos_mode=pos_mode, trace_source=bool(trace_source),
-                attn_impl=_resolve_attn_impl(attn_impl, model))
+                attn_impl=resolve_attn_impl(attn_impl, model))
 
     for top in {id(model): model, id(detr_model): detr_model}.values():
         top.__class__ = _patched_class(type(top), _ToMeDetr, keep_name=True)

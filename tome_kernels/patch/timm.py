@@ -33,13 +33,14 @@ the keys of the original ToMe patch so code written for it keeps working:
 from __future__ import annotations
 
 import numbers
-import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tome_kernels
+import tome_kernels  # noqa: F401  (registers torch.ops.tome)
+
+from ._common import merge_count, resolve_attn_impl
 
 __all__ = ["apply_patch", "unpatch", "parse_r"]
 
@@ -47,18 +48,6 @@ __all__ = ["apply_patch", "unpatch", "parse_r"]
 # ----------------------------------------------------------------------------------------------------
 # Merge schedules
 # ----------------------------------------------------------------------------------------------------
-def _merge_count(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"tome: {what} must be an int >= 0, got {value!r}")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise TypeError(f"tome: {what} must be an int >= 0, got {type(value).__name__} {value!r}") from None
-    if count < 0:
-        raise ValueError(f"tome: {what} must be >= 0, got {count}")
-    return count
-
-
 def parse_r(r, num_layers: int) -> list[int]:
     """Per-layer merge counts (before clamping to half the mergeable tokens) for ``num_layers`` blocks.
 
@@ -71,7 +60,7 @@ def parse_r(r, num_layers: int) -> list[int]:
     if isinstance(r, list):
         if len(r) > num_layers:
             raise ValueError(f"tome: a per-layer r list has {len(r)} entries but the model has {num_layers} blocks")
-        counts = [_merge_count(value, f"r[{i}]") for i, value in enumerate(r)]
+        counts = [merge_count(value, f"r[{i}]") for i, value in enumerate(r)]
         return counts + [0] * (num_layers - len(counts))
     inflection = 0.0
     if isinstance(r, tuple):
@@ -84,7 +73,7 @@ def parse_r(r, num_layers: int) -> list[int]:
     elif not isinstance(r, numbers.Integral) or isinstance(r, bool):
         raise TypeError(f"tome: r must be an int, an (r, inflection) tuple or a per-layer list of ints, "
                         f"got {type(r).__name__} {r!r}")
-    r = _merge_count(r, "r")
+    r = merge_count(r, "r")
     first = int(r * (1.0 - inflection))
     step = (2 * r - 2 * first) / (num_layers - 1) if num_layers > 1 else 0.0
     return [int(first + step * layer) for layer in range(num_layers)]
@@ -259,27 +248,6 @@ def _check_supported(model: nn.Module) -> None:
                             f"timm.layers.Attention is supported")
 
 
-_ATTN_IMPLS = ("auto", "op", "sdpa")
-
-
-def _resolve_attn_impl(attn_impl: str, model: nn.Module) -> str:
-    """``auto``: ``"op"`` when a backend was chosen by hand, or on a GPU a compiled tome backend (Triton or
-    CUDA: the log-size bias fused in the kernel) serves the model; otherwise ``"sdpa"``. On CPU PyTorch's
-    flash SDPA with a float bias beats both tome CPU paths (2-core CPU, ViT-B/16 batch 8, 12 layers of
-    r = 16: 98 ms vs 135 ms for the C++ kernel; the torch reference's explicit softmax is ~3x slower)."""
-    if attn_impl not in _ATTN_IMPLS:
-        raise ValueError(f"tome: attn_impl must be one of {_ATTN_IMPLS}, got {attn_impl!r}")
-    if attn_impl != "auto":
-        return attn_impl
-    if tome_kernels.get_backend() != "auto":
-        return "op"  # a backend chosen by hand is meant to run
-    device = next(model.parameters(), torch.empty(0)).device
-    if device.type != "cuda":
-        return "sdpa"
-    usable = tome_kernels.available_backends(device.type)
-    return "op" if any(usable.get(name) is None for name in ("triton", "cuda")) else "sdpa"
-
-
 def apply_patch(model: nn.Module, trace_source: bool = False, prop_attn: bool = True, *,
                 attn_impl: str = "auto") -> nn.Module:
     """Make ``model`` (a timm ``VisionTransformer``) a ToMe model in place and return it; ``model.r`` = 0.
@@ -296,7 +264,7 @@ def apply_patch(model: nn.Module, trace_source: bool = False, prop_attn: bool = 
     info = {
         "r": [], "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn),
-        "attn_impl": _resolve_attn_impl(attn_impl, model),
+        "attn_impl": resolve_attn_impl(attn_impl, model),
         "class_token": getattr(model, "cls_token", None) is not None,
         "distill_token": getattr(model, "dist_token", None) is not None,
         "num_prefix_tokens": int(model.num_prefix_tokens),
