@@ -13,7 +13,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 

@@ -10,8 +10,9 @@ median time per batch gives throughput. The ceiling is the ratio of model FLOPs 
 matmuls per block at the token counts merging leaves, plus the patch embedding and head) without and with
 merging: a ToMe implementation with free merging and free bookkeeping would reach 100% of it.
 
-Model families are dispatched on ``--model`` (:data:`FAMILIES`): each adds its own options and builds a
-:class:`Workload`. A family for DETR (``--model detr-resnet-50 --er 100 --mr 100``) plugs in the same way.
+Dispatch on ``--model``: DETR names (``--model detr-resnet-50 --er 100 --mr 100``) hand the whole command
+line to :mod:`tome_kernels.bench_detr` (its own options and an Amdahl ceiling: the backbone does not
+merge); other families here (:data:`FAMILIES`, today timm) add their options and build a :class:`Workload`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -284,7 +286,15 @@ def backend_line(device: torch.device) -> str:
     return f"tome backend: {tome_kernels.get_backend()} (usable on {device.type}: {', '.join(usable)})"
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> list[dict] | dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model", default="vit_base_patch16_224")
+    from tome_kernels import bench_detr
+
+    if bench_detr.matches(peek.parse_known_args(argv)[0].model):
+        return bench_detr.main(argv)
+
     parser = argparse.ArgumentParser(prog="python -m tome_kernels.bench_model", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--batch", type=int, default=8)

@@ -96,8 +96,7 @@ class _ToMeAttention:
         if size is not None and dropout == 0.0 and self._tome_info["attn_impl"] == "op":
             x = torch.ops.tome.prop_attention(q, k, v, size, self.scale)
         elif size is not None:
-            # The same logits through PyTorch's fused SDPA with a log-size bias (also: prop_attention has no
-            # dropout).
+            # The same function through PyTorch's fused SDPA with a log-size bias (also the dropout path).
             bias = size.to(q.dtype).log().reshape(batch, 1, 1, num_tokens)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=self.scale)
         elif self.fused_attn:
