@@ -5,6 +5,7 @@ SDPA (no size: the cost without proportional attention). Targets: >= 1.5x explic
     PYTHONPATH=. python -m pytest bench/test_bench_cpu_attention.py --benchmark-only --benchmark-min-rounds=10
 """
 
+import os
 
 import pytest
 import torch
@@ -13,6 +14,14 @@ import torch.nn.functional as F
 import tome_kernels
 
 PROVIDERS = ["cpu", "torch", "sdpa_unbiased"]
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TOME_BENCH_THREADS", previous)))
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -49,6 +49,14 @@ def _step(provider, x, size, metric, protected, r):
     return lambda: baselines.floor_scores(a, b)
 
 
+@pytest.fixture(autouse=True)
+def threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TOME_BENCH_THREADS", previous)))
+    yield torch.get_num_threads()
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_bipartite_merge(benchmark, threads, shape, provider):
