@@ -337,7 +337,7 @@ def _bad_calls():
         ("do not fit N=10 tokens", lambda: ops.merge(x, None, *other, 1)),
         ("do not fit N=10 tokens", lambda: ops.unmerge(x[:, :7], *other[:1], *idx[1:], 1)),
         ("dst_idx must hold odd (B) token positions", lambda: ops.merge(x, None, *idx[:2], idx[2] + 100, 1)),
-        ("every A token must appear exactly once", lambda: ops.unmerge(x[:, :7], idx[0], duplicated, idx[2], 1)),
+        ("unm_idx and src_idx must hold every even (A) token position", lambda: ops.unmerge(x[:, :7], idx[0], duplicated, idx[2], 1)),
     ]
 
 

@@ -9,6 +9,7 @@ The public ``torch.ops.tome.*`` ops resolve the backend when they run, so a choi
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import warnings
@@ -23,6 +24,7 @@ if _chosen not in BACKENDS:
     raise ValueError(f"TOME_BACKEND={_chosen!r} is not one of {BACKENDS}")
 
 
+@functools.cache  # the extension loads (or fails to) once per process
 def _native_reason(dispatch_key: str) -> str | None:
     from . import _native
 
@@ -85,6 +87,7 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+@functools.cache
 def _auto(device_type: str) -> str:
     order = ("triton", "cuda", "torch") if device_type == "cuda" else ("cpu", "torch")
     for name in order:

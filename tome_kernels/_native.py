@@ -14,6 +14,9 @@ except ImportError as error:
 
 _native = torch.ops.tome
 
+# The CPU kernels validate index values themselves (csrc/cpu/common.h, Groups) with ValueErrors.
+CHECKS_CPU_INDEX_VALUES = True
+
 
 def match(metric, r, protected):
     return tuple(_native._native_match(metric, r, protected))

@@ -21,7 +21,8 @@ import os
 from . import reference
 from ._backend import resolve
 
-# Index values are checked on CPU always; on GPUs only on request, as the check synchronises.
+# Index values of CPU tensors are checked always (by the C++ cpu backend itself, before any parallel region,
+# else here); of GPU tensors only on request, as the check synchronises.
 _CHECK_GPU_INDICES = os.environ.get("TOME_CHECK_INDICES") == "1"
 
 _lib = Library("tome", "FRAGMENT")
@@ -105,7 +106,9 @@ def _check_indices(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, batch, num
                          f"tokens with protected={protected}: pass the indices bipartite_match returned for them")
 
 
-def _check_index_values(num_tokens, protected, unm_idx, src_idx, dst_idx) -> None:
+def _check_index_values(backend, num_tokens, protected, unm_idx, src_idx, dst_idx) -> None:
+    if unm_idx.device.type == "cpu" and getattr(backend, "CHECKS_CPU_INDEX_VALUES", False):
+        return
     if unm_idx.device.type == "cpu" or _CHECK_GPU_INDICES:
         reference.check_index_values(num_tokens, protected, unm_idx, src_idx, dst_idx)
 
@@ -166,11 +169,12 @@ def _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
 def _merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor,
            dst_idx: Tensor, protected: int, pos_mode: str) -> tuple[Tensor, Tensor, Tensor]:
     size = _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode)
-    _check_index_values(x.shape[1], protected, unm_idx, src_idx, dst_idx)
+    backend = resolve(x.device)
+    _check_index_values(backend, x.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:  # r = 0: the input, unchanged and in the same order, on every backend
         size_out = torch.ones_like(x[..., :1]) if size is None else size.unsqueeze(-1).clone()
         return x.clone(), (x.new_empty(0) if pos is None else pos.clone()), size_out
-    x_out, pos_out, size_out = resolve(x.device).merge(x, pos, size, unm_idx, src_idx, dst_idx, protected,
+    x_out, pos_out, size_out = backend.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected,
                                                        pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1)
 
@@ -273,10 +277,11 @@ def unmerge(y: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protec
     ``group = reference.groups(N, protected, unm_idx, src_idx, dst_idx)``.
     """
     _check_unmerge(y, unm_idx, src_idx, dst_idx, protected)
-    _check_index_values(y.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
+    backend = resolve(y.device)
+    _check_index_values(backend, y.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
         return y.clone()
-    return resolve(y.device).unmerge(y, unm_idx, src_idx, dst_idx, protected)
+    return backend.unmerge(y, unm_idx, src_idx, dst_idx, protected)
 
 
 @unmerge.register_fake
@@ -378,7 +383,7 @@ def merge_source(source: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tens
     """Merge a source matrix ``[B, N, N0]`` (which original tokens each token stands for) with the indices
     of a ``bipartite_match``; start from ``torch.eye(N0).expand(B, N0, N0)``."""
     _check_source(source, unm_idx, src_idx, dst_idx, protected)
-    _check_index_values(source.shape[1], protected, unm_idx, src_idx, dst_idx)
+    _check_index_values(reference, source.shape[1], protected, unm_idx, src_idx, dst_idx)
     return reference.merge_source(source, unm_idx, src_idx, dst_idx, protected)
 
 

@@ -97,14 +97,15 @@ def check_index_values(num_tokens: int, protected: int, unm_idx, src_idx, dst_id
     """Raise ValueError unless the indices describe a matching of N tokens (e.g. from another call)."""
     a_idx = torch.cat([unm_idx, src_idx], dim=1)
     if a_idx.numel() and (a_idx.min() < protected or a_idx.max() >= num_tokens or (a_idx % 2 != 0).any()):
-        raise ValueError(f"tome: unm_idx and src_idx must hold even (A) token positions in "
-                         f"[protected={protected}, N={num_tokens})")
+        raise ValueError(f"tome: unm_idx and src_idx must hold every even (A) token position in "
+                         f"[protected={protected}, N={num_tokens}) once")
     if dst_idx.numel() and (dst_idx.min() < protected or dst_idx.max() >= num_tokens or (dst_idx % 2 != 1).any()):
         raise ValueError(f"tome: dst_idx must hold odd (B) token positions in [protected={protected}, N={num_tokens})")
     seen = torch.zeros(a_idx.shape[0], num_tokens, dtype=torch.long, device=a_idx.device)
     seen.scatter_add_(1, a_idx, torch.ones_like(a_idx))
     if (seen[:, first_a(protected)::2] != 1).any():
-        raise ValueError("tome: every A token must appear exactly once in unm_idx or src_idx")
+        raise ValueError(f"tome: unm_idx and src_idx must hold every even (A) token position in "
+                         f"[protected={protected}, N={num_tokens}) once (one is missing or repeated)")
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -112,14 +112,14 @@ class Groups {
       std::fill(seen.begin(), seen.end(), 0);
       for (int64_t k = 0; k < nu + r; ++k) {
         const int64_t p = k < nu ? unm[b * nu + k] : src[b * r + k - nu];
-        TORCH_CHECK(p >= protected_tokens && p < num_tokens && p % 2 == 0 && !seen[p],
+        TORCH_CHECK_VALUE(p >= protected_tokens && p < num_tokens && p % 2 == 0 && !seen[p],
                     "tome: unm_idx and src_idx must hold every even (A) token position in [protected=",
                     protected_tokens, ", N=", num_tokens, ") once; got ", p, " in batch row ", b);
         seen[p] = 1;
       }
       for (int64_t k = 0; k < r; ++k) {
         const int64_t p = dst[b * r + k];
-        TORCH_CHECK(p >= protected_tokens && p < num_tokens && p % 2 == 1, "tome: dst_idx must hold odd (B) ",
+        TORCH_CHECK_VALUE(p >= protected_tokens && p < num_tokens && p % 2 == 1, "tome: dst_idx must hold odd (B) ",
                     "token positions in [protected=", protected_tokens, ", N=", num_tokens, "), got ", p,
                     " in batch row ", b);
       }
