@@ -22,6 +22,10 @@ def match(metric, r, protected):
     return tuple(_native._native_match(metric, r, protected))
 
 
+def bipartite_merge(x, pos, size, metric, r, protected, pos_mean):
+    return tuple(_native._native_bipartite_merge(x, pos, size, metric, r, protected, pos_mean))
+
+
 def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean):
     return tuple(_native._native_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean))
 

@@ -1,11 +1,11 @@
 """Every ``torch.ops.tome`` schema, defined once, with its validation, fake kernel and autograd.
 
 Public ops: ``bipartite_match``, ``merge``, ``bipartite_merge``, ``unmerge``, ``prop_attention``,
-``merge_source``. ``merge``, ``bipartite_merge`` and ``prop_attention`` are CompositeImplicitAutograd
-compositions of the kernel ops below, so their autograd, fakes and compile support come from those.
-Kernel ops (``_merge``, ``_merge_backward``, ``unmerge``/``_unmerge_backward``, ``_prop_attention`` /
-``_prop_attention_backward``, ``bipartite_match``) route to the backend chosen for the device
-(:mod:`tome_kernels._backend`); the C++ backends implement the ``_native_*`` schemas.
+``merge_source``. ``merge`` and ``prop_attention`` are CompositeImplicitAutograd compositions of the kernel
+ops below, so their autograd, fakes and compile support come from those. Kernel ops (``bipartite_match``,
+``bipartite_merge``, ``_merge``, ``_merge_backward``, ``unmerge``/``_unmerge_backward``, ``_prop_attention``
+/ ``_prop_attention_backward``) route to the backend chosen for the device (:mod:`tome_kernels._backend`);
+the C++ backends implement the ``_native_*`` schemas.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ _lib.define("_native_merge(Tensor x, Tensor? pos, Tensor? size, Tensor unm_idx, 
             "Tensor dst_idx, int protected, bool pos_mean) -> (Tensor, Tensor, Tensor)")
 _lib.define("_native_merge_backward(Tensor grad_x, Tensor? grad_pos, Tensor? size, Tensor size_out, "
             "Tensor unm_idx, Tensor src_idx, Tensor dst_idx, int protected, bool pos_mean) -> (Tensor, Tensor)")
+_lib.define("_native_bipartite_merge(Tensor x, Tensor? pos, Tensor? size, Tensor metric, int r, int protected, "
+            "bool pos_mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _lib.define("_native_unmerge(Tensor y, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, int protected) -> Tensor")
 _lib.define("_native_unmerge_backward(Tensor grad, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, "
             "int protected) -> Tensor")
@@ -189,9 +191,9 @@ def _(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
     return x.new_empty(batch, num_out, channels), pos_out, x.new_empty(batch, num_out, 1, dtype=size_dtype)
 
 
-def _merge_setup_context(ctx, inputs, output):
-    x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode = inputs
-    x_out, pos_out, size_out = output
+def _save_merge(ctx, x, pos, size, indices, merged, protected, pos_mode):
+    """Autograd state of a merge of x/pos/size by ``indices`` into ``merged`` = (x_out, pos_out, size_out)."""
+    x_out, pos_out, size_out = merged
     ctx.protected, ctx.pos_mode, ctx.has_pos, ctx.has_size = protected, pos_mode, pos is not None, size is not None
     size_grad = size is not None and size.requires_grad
     if not size_grad:
@@ -199,10 +201,11 @@ def _merge_setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(size_out)
     saved_x = (x, x_out, pos, pos_out) if size_grad else (None,) * 4
     ctx.size_shape = None if size is None else size.shape
-    ctx.save_for_backward(size, size_out, unm_idx, src_idx, dst_idx, *saved_x)
+    ctx.save_for_backward(size, size_out, *indices, *saved_x)
 
 
-def _merge_backward_autograd(ctx, grad_x_out, grad_pos_out, grad_size_out):
+def _merge_gradients(ctx, grad_x_out, grad_pos_out, grad_size_out):
+    """(grad x, grad pos, grad size) of a merge saved by ``_save_merge``."""
     size, size_out, unm_idx, src_idx, dst_idx, x, x_out, pos, pos_out = ctx.saved_tensors
     needs_x, needs_pos, needs_size = ctx.needs_input_grad[:3]
     grad_pos_out = grad_pos_out if (ctx.has_pos and needs_pos) else None
@@ -213,8 +216,16 @@ def _merge_backward_autograd(ctx, grad_x_out, grad_pos_out, grad_size_out):
         grad_size = _size_gradient(grad_x_out, grad_pos_out, grad_size_out, x, x_out, pos, pos_out, size_out,
                                    unm_idx, src_idx, dst_idx, ctx.protected, ctx.pos_mode)
         grad_size = grad_size.reshape(ctx.size_shape)
-    return (grad_x if needs_x else None, grad_pos if grad_pos_out is not None else None, grad_size,
-            None, None, None, None, None)
+    return grad_x if needs_x else None, grad_pos if grad_pos_out is not None else None, grad_size
+
+
+def _merge_setup_context(ctx, inputs, output):
+    x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode = inputs
+    _save_merge(ctx, x, pos, size, (unm_idx, src_idx, dst_idx), output, protected, pos_mode)
+
+
+def _merge_backward_autograd(ctx, grad_x_out, grad_pos_out, grad_size_out):
+    return *_merge_gradients(ctx, grad_x_out, grad_pos_out, grad_size_out), None, None, None, None, None
 
 
 def _size_gradient(grad_x_out, grad_pos_out, grad_size_out, x, x_out, pos, pos_out, size_out, unm_idx, src_idx,
@@ -257,6 +268,81 @@ def _(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, po
                                                                                    grad_pos.shape[-1])
     return grad_x.new_empty(batch, num_tokens, channels), grad_pos_in
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# bipartite_merge: match + merge as one op (one dispatch; the C++ backends run both without returning to
+# Python). Its autograd is the merge's: matching is piecewise constant, so the metric gets no gradient.
+# ----------------------------------------------------------------------------------------------------
+def _check_bipartite_merge(x, pos, size, r, metric, protected, pos_mode):
+    _check_float("x", x, 3)
+    if metric is not None:
+        _check_float("metric", metric, 3)
+        if metric.shape[:2] != x.shape[:2]:
+            raise ValueError(f"tome: metric must be [batch, N, Cm] with the batch and N of x {tuple(x.shape)}, "
+                             f"got shape {tuple(metric.shape)}")
+    if r < 0:
+        raise ValueError(f"tome: r must be >= 0, got {r}")
+    batch, num_tokens, _ = x.shape
+    _check_protected(protected, num_tokens)
+    if pos is not None:
+        _check_float("pos", pos, 3)
+        _check_tokens("pos", pos, batch, num_tokens)
+    if pos_mode not in _POS_MODES:
+        raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
+    _check_same_device(x=x, pos=pos, size=size, metric=metric)
+    return _size_2d(size, batch, num_tokens)
+
+
+@custom_op("tome::bipartite_merge", mutates_args=())
+def bipartite_merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], r: int, metric: Optional[Tensor] = None,
+                    protected: int = 0, pos_mode: str = "keep"
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One ToMe step: ``bipartite_match(metric if given else x, r, protected)``, then the size-weighted merge
+    of x (pos: kept from the B destination, or averaged with ``pos_mode="mean"``).
+
+    Returns ``(x_out, pos_out, size_out [B, N - r, 1], unm_idx, src_idx, dst_idx)``; pos_out is empty
+    without pos. Equivalent PyTorch: ``reference.match`` then ``reference.merge``.
+    """
+    size = _check_bipartite_merge(x, pos, size, r, metric, protected, pos_mode)
+    metric = x if metric is None else metric
+    if reference.clamp_r(r, x.shape[1], protected) == 0:  # nothing merges: the input, as every op returns it
+        unm_idx, src_idx, dst_idx = bipartite_match(metric, r, protected)
+        size_out = torch.ones_like(x[..., :1]) if size is None else size.unsqueeze(-1).clone()
+        return (x.clone(), (x.new_empty(0) if pos is None else pos.clone()), size_out, unm_idx, src_idx, dst_idx)
+    backend = resolve(x.device)
+    fused = getattr(backend, "bipartite_merge", None)
+    if fused is not None:
+        x_out, pos_out, size_out, unm_idx, src_idx, dst_idx = fused(x, pos, size, metric, r, protected,
+                                                                    pos_mode == "mean")
+    else:
+        unm_idx, src_idx, dst_idx = backend.match(metric, r, protected)
+        x_out, pos_out, size_out = backend.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected,
+                                                 pos_mode == "mean")
+    return x_out, pos_out, size_out.unsqueeze(-1), unm_idx, src_idx, dst_idx
+
+
+@bipartite_merge.register_fake
+def _(x, pos, size, r, metric=None, protected=0, pos_mode="keep"):
+    size = _check_bipartite_merge(x, pos, size, r, metric, protected, pos_mode)
+    unm_idx, src_idx, dst_idx = bipartite_match(x if metric is None else metric, r, protected)
+    batch, num_tokens, channels = x.shape
+    num_out = num_tokens - src_idx.shape[1]
+    pos_out = x.new_empty(0) if pos is None else pos.new_empty(batch, num_out, pos.shape[-1])
+    size_out = x.new_empty(batch, num_out, 1, dtype=x.dtype if size is None else size.dtype)
+    return x.new_empty(batch, num_out, channels), pos_out, size_out, unm_idx, src_idx, dst_idx
+
+
+def _bipartite_merge_setup_context(ctx, inputs, output):
+    x, pos, size, _, _, protected, pos_mode = inputs
+    _save_merge(ctx, x, pos, size, output[3:], output[:3], protected, pos_mode)
+
+
+def _bipartite_merge_backward_autograd(ctx, grad_x_out, grad_pos_out, grad_size_out, *_grad_indices):
+    return *_merge_gradients(ctx, grad_x_out, grad_pos_out, grad_size_out), None, None, None, None
+
+
+bipartite_merge.register_autograd(_bipartite_merge_backward_autograd, setup_context=_bipartite_merge_setup_context)
 
 # ----------------------------------------------------------------------------------------------------
 # unmerge
@@ -405,29 +491,12 @@ def _(source, unm_idx, src_idx, dst_idx, protected=0):
 # ----------------------------------------------------------------------------------------------------
 _lib.define("merge(Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, int protected=0) "
             "-> (Tensor x_out, Tensor size_out)")
-_lib.define("bipartite_merge(Tensor x, Tensor? pos, Tensor? size, int r, Tensor? metric=None, int protected=0, "
-            "str pos_mode=\"keep\") -> (Tensor x_out, Tensor pos_out, Tensor size_out, Tensor unm_idx, "
-            "Tensor src_idx, Tensor dst_idx)")
 _lib.define("prop_attention(Tensor q, Tensor k, Tensor v, Tensor? size=None, float? scale=None) -> Tensor")
 
 
 def _merge_composite(x, size, unm_idx, src_idx, dst_idx, protected=0):
     x_out, _, size_out = _merge(x, None, size, unm_idx, src_idx, dst_idx, protected, "keep")
     return x_out, size_out
-
-
-def _bipartite_merge_composite(x, pos, size, r, metric=None, protected=0, pos_mode="keep"):
-    if pos_mode not in _POS_MODES:
-        raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
-    _check_float("x", x, 3)
-    metric = x if metric is None else metric
-    _check_float("metric", metric, 3)
-    if metric.shape[:2] != x.shape[:2]:
-        raise ValueError(f"tome: metric must be [batch, N, Cm] with the batch and N of x {tuple(x.shape)}, "
-                         f"got shape {tuple(metric.shape)}")
-    unm_idx, src_idx, dst_idx = bipartite_match(metric.detach(), r, protected)
-    x_out, pos_out, size_out = _merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode)
-    return x_out, pos_out, size_out, unm_idx, src_idx, dst_idx
 
 
 def _prop_attention_composite(q, k, v, size=None, scale=None):
@@ -437,5 +506,4 @@ def _prop_attention_composite(q, k, v, size=None, scale=None):
 
 
 _lib.impl("merge", _merge_composite, "CompositeImplicitAutograd")
-_lib.impl("bipartite_merge", _bipartite_merge_composite, "CompositeImplicitAutograd")
 _lib.impl("prop_attention", _prop_attention_composite, "CompositeImplicitAutograd")
