@@ -27,72 +27,33 @@ constexpr double kNormEps = 1e-12;  // as torch.nn.functional.normalize
 constexpr int64_t kBandScores = 131072;
 constexpr int64_t kTileScores = 32768;
 
-constexpr int kLanes = 8;  // independent partial results, so that the compiler vectorises the loops
+// The row helpers, compiled for the x86-64 baseline (or the native target elsewhere) and, on x86-64, also
+// for AVX2, chosen at run time. The build is ISO C++ (-ffp-contract=off: no FMA contraction) and the
+// helpers fix their summation order, so both give the same bits.
+namespace base {
+#define TOME_VECTOR_BYTES 16
+#include "match_rows.inc"
+#undef TOME_VECTOR_BYTES
+}  // namespace base
 
-// dst = row / max(||row||, eps), in the accumulation dtype. Returns whether dst holds a NaN (from a NaN or
-// an infinite input): every score of such a token is NaN.
-template <class scalar_t, class acc_t>
-bool normalise_row(const scalar_t* row, acc_t* dst, int64_t channels) {
-  acc_t partial[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= channels; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      dst[c + l] = static_cast<acc_t>(row[c + l]);
-      partial[l] += dst[c + l] * dst[c + l];
-    }
-  }
-  for (; c < channels; ++c) {
-    dst[c] = static_cast<acc_t>(row[c]);
-    partial[0] += dst[c] * dst[c];
-  }
-  acc_t squares = 0;
-  for (int l = 0; l < kLanes; ++l) squares += partial[l];
-  const acc_t inverse = 1 / std::max(std::sqrt(squares), static_cast<acc_t>(kNormEps));  // within an ulp of /
-  for (c = 0; c < channels; ++c) dst[c] *= inverse;
-  if (std::isfinite(squares)) return false;  // finite inputs: |dst| <= 1
-  return std::any_of(dst, dst + channels, [](acc_t v) { return std::isnan(v); });
-}
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#define TOME_VECTOR_BYTES 32
+#include "match_rows.inc"
+#undef TOME_VECTOR_BYTES
+}  // namespace avx2
+#pragma GCC pop_options
 
-// Index of the first maximum of row[0, n), n >= 1, of a row without NaN: a running maximum per lane of a
-// 16-byte GCC/Clang vector (strict >, so each lane keeps its first), then the lowest index among the lanes
-// holding the maximum. The compiler does not vectorise a plain loop with a per-element index update, and
-// scalarises vector selects ("?:", or vectors wider than SSE2's): hence 16 bytes and bit-operation selects.
-template <class acc_t>
-int64_t first_argmax(const acc_t* row, int64_t n, acc_t* best) {
-  constexpr int kWidth = 16 / sizeof(acc_t);
-  typedef acc_t Values __attribute__((vector_size(16)));
-  using Mask = decltype(Values{} > Values{});  // integer lanes as wide as acc_t
-  using Index = decltype(Mask{}[0] + 0);
-  Values value;
-  Mask index, lane;
-  for (int l = 0; l < kWidth; ++l) {
-    value[l] = row[0];
-    index[l] = 0;
-    lane[l] = l;
-  }
-  int64_t j = 0;
-  for (; j + kWidth <= n; j += kWidth) {
-    Values next;
-    std::memcpy(&next, row + j, sizeof(next));
-    const Mask greater = next > value;
-    value = reinterpret_cast<Values>((reinterpret_cast<Mask>(next) & greater) |
-                                     (reinterpret_cast<Mask>(value) & ~greater));
-    index = ((lane + static_cast<Index>(j)) & greater) | (index & ~greater);
-  }
-  for (; j < n; ++j) {  // the tail: indices above every lane's
-    const int64_t l = j % kWidth;
-    if (row[j] > value[l]) {
-      value[l] = row[j];
-      index[l] = j;
-    }
-  }
-  int l_best = 0;
-  for (int l = 1; l < kWidth; ++l) {
-    if (value[l] > value[l_best] || (value[l] == value[l_best] && index[l] < index[l_best])) l_best = l;
-  }
-  *best = value[l_best];
-  return index[l_best];
+bool use_avx2() {
+  static const bool supported = __builtin_cpu_supports("avx2");
+  return supported;
 }
+#else
+namespace avx2 = base;
+bool use_avx2() { return false; }
+#endif
 
 template <class scalar_t, class acc_t>
 void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch, int64_t* unm_idx,
@@ -105,6 +66,9 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
     }
     return;
   }
+  const bool avx2 = use_avx2();
+  const auto normalise_row = avx2 ? avx2::normalise_row<scalar_t, acc_t> : base::normalise_row<scalar_t, acc_t>;
+  const auto first_argmax = avx2 ? avx2::first_argmax<acc_t> : base::first_argmax<acc_t>;
   const auto options = metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // Normalised tokens [batch, N, C] (protected rows left unset: never read), and which hold a NaN.
   at::Tensor normalised = at::empty({batch, num_tokens, channels}, options);
@@ -168,7 +132,10 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
   const int64_t rank_grain = std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1));
   parallel_chunks(batch, rank_grain, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<acc_t, int64_t>> ranked(na);
-    std::vector<int64_t> order(na);
+    std::vector<uint8_t> merges(na);
+    const auto before = [](const auto& x, const auto& y) {
+      return x.first > y.first || (x.first == y.first && x.second < y.second);
+    };
     for (int64_t b = begin; b < end; ++b) {
       // Descending score, NaN first (as torch.sort), ties to the lower A position: a total order on
       // (score, position), so an unstable sort of contiguous pairs gives the stable sort's result.
@@ -176,16 +143,26 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
         const acc_t score = best_score[b * na + i];
         ranked[i] = {std::isnan(score) ? std::numeric_limits<acc_t>::infinity() : score, i};
       }
-      std::sort(ranked.begin(), ranked.end(), [](const auto& x, const auto& y) {
-        return x.first > y.first || (x.first == y.first && x.second < y.second);
-      });
-      for (int64_t i = 0; i < na; ++i) order[i] = ranked[i].second;
-      for (int64_t k = 0; k < r; ++k) {
-        src_idx[b * r + k] = layout.a_position(order[k]);
-        dst_idx[b * r + k] = layout.b_position(best_b[b * na + order[k]]);
+      // With protected tokens the unmerged stay in position order, so only the r best need sorting.
+      const bool by_position = layout.protected_tokens >= 1;
+      if (by_position) {
+        std::partial_sort(ranked.begin(), ranked.begin() + r, ranked.end(), before);
+      } else {
+        std::sort(ranked.begin(), ranked.end(), before);
       }
-      if (layout.protected_tokens >= 1) std::sort(order.begin() + r, order.end());
-      for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(order[r + k]);
+      for (int64_t k = 0; k < r; ++k) {
+        src_idx[b * r + k] = layout.a_position(ranked[k].second);
+        dst_idx[b * r + k] = layout.b_position(best_b[b * na + ranked[k].second]);
+      }
+      if (by_position) {
+        std::fill(merges.begin(), merges.end(), 0);
+        for (int64_t k = 0; k < r; ++k) merges[ranked[k].second] = 1;
+        for (int64_t i = 0, k = 0; i < na; ++i) {
+          if (!merges[i]) unm_idx[b * nu + k++] = layout.a_position(i);
+        }
+      } else {
+        for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(ranked[r + k].second);
+      }
     }
   });
 }
