@@ -31,12 +31,16 @@ std::optional<at::Tensor> log_size_mask(const std::optional<at::Tensor>& size, c
   return size->to(acc_dtype(k.scalar_type())).log().view({k.size(0), 1, 1, k.size(2)});
 }
 
+// The flash kernels take any strides but a unit stride in the head dimension: e.g. q, k, v sliced from one
+// fused qkv projection go in without copies.
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& size, double scale) {
   check_qkv(q, k, v);
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      q.contiguous(), k.contiguous(), v.contiguous(), /*dropout_p=*/0.0, /*is_causal=*/false, log_size_mask(size, k),
-      scale);
+      unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), /*dropout_p=*/0.0, /*is_causal=*/false,
+      log_size_mask(size, k), scale);
   // lse comes back as a [B, Nq, H] buffer viewed as [B, H, Nq]; both outputs are fresh buffers.
   return {out.contiguous(), lse.contiguous()};
 }
@@ -53,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   TORCH_CHECK(lse.scalar_type() == acc_dtype(q.scalar_type()), "tome: lse must be ",
               acc_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
   auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
+      unit_last_stride(grad_out), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(out),
+      lse.contiguous(),
       /*dropout_p=*/0.0, /*is_causal=*/false, log_size_mask(size, k), scale);
   return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
 }
