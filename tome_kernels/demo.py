@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 
 import torch
@@ -24,9 +23,10 @@ def model_speed(model_name: str, batch: int, r: int) -> None:
     import timm
 
     import tome_kernels.patch
+    from tome_kernels.bench_model import copy_sharing_weights
 
     model = timm.create_model(model_name, pretrained=False).eval()
-    patched = copy.deepcopy(model)
+    patched = copy_sharing_weights(model)
     tome_kernels.patch.timm(patched)
     patched.r = r
     images = torch.randn(batch, 3, *model.default_cfg["input_size"][1:])
