@@ -56,5 +56,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # TOME_BENCH_DEVICE=cpu times CPU tensors on a GPU machine too.
 DEVICE = os.environ.get("TOME_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-# Quick mode (CI): compiled baselines only at the headline shapes, and no diffusion shape.
+# Quick mode (CI: every op, direction and provider still runs, so none can rot): the headline shapes
+# only, the compiled chain only in the fp32 forward, no warm-up call.
 QUICK = os.environ.get("TOME_BENCH_QUICK") == "1"
+RUN_SHAPES = tuple(name for name in SHAPES
+                   if not QUICK or name in MERGE_HEADLINE + ATTENTION_HEADLINE)

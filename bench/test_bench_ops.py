@@ -24,7 +24,7 @@ import tome_kernels
 from tome_kernels import reference
 
 import baselines
-from shapes import ATTENTION_HEADLINE, DEVICE, DTYPES, MERGE_HEADLINE, QUICK, SHAPES
+from shapes import DEVICE, DTYPES, MERGE_HEADLINE, QUICK, RUN_SHAPES, SHAPES
 
 BACKENDS = ("triton", "cuda", "torch") if DEVICE == "cuda" else ("cpu", "torch")
 
@@ -32,7 +32,7 @@ BACKENDS = ("triton", "cuda", "torch") if DEVICE == "cuda" else ("cpu", "torch")
 def cases(**providers_by_direction):
     """Parametrize ``direction, provider, shape, dtype`` over the given providers of each direction."""
     params = [pytest.param(direction, provider, shape, dtype, id=f"{direction}-{shape}-{dtype}-{provider}")
-              for direction, providers in providers_by_direction.items() for shape in SHAPES
+              for direction, providers in providers_by_direction.items() for shape in RUN_SHAPES
               for dtype in DTYPES for provider in providers]
     return pytest.mark.parametrize("direction, provider, shape, dtype", params)
 
@@ -59,11 +59,12 @@ def attention_inputs(shape: str, dtype: str):
 def run(benchmark, threads, op, direction, provider, shape, dtype, forward, inputs, *, bytes_moved, flops=0):
     """Time ``forward(*inputs)`` (``fwd``) or its backward w.r.t. ``inputs`` (``bwd``) with ``provider``'s
     backend active (baselines run under ``auto``; they call no tome op)."""
-    reason = tome_kernels.available_backends(DEVICE).get(provider, None) if provider in BACKENDS else None
-    if reason is not None:
+    if provider in BACKENDS and (reason := tome_kernels.available_backends(DEVICE)[provider]) is not None:
         pytest.skip(reason)
     with tome_kernels.use_backend(provider if provider in BACKENDS else "auto"):
-        if direction == "fwd":
+        # A floor is the same data movement in both directions (the backward reads an output-sized grad and
+        # writes an input-sized one), and the backward of a copy would time no copy at all.
+        if direction == "fwd" or provider.startswith("floor"):
             def step():
                 return forward(*inputs)
         else:
@@ -79,13 +80,17 @@ def run(benchmark, threads, op, direction, provider, shape, dtype, forward, inpu
                 result = step()
                 torch.cuda.synchronize()
                 return result
-        if not benchmark.disabled:
+        if not (benchmark.disabled or QUICK):
             timed()  # warm-up: compiles, autotunes, first-touch allocations
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()  # the set-up's kernels must not land in the first round
         s = SHAPES[shape]
         benchmark.group = f"{op} {direction} {shape} {dtype}"
         benchmark.extra_info.update(
             op=op, direction=direction, provider=provider, shape=shape, dtype=dtype, device=DEVICE,
-            threads=threads, batch=s.batch(DEVICE), tokens=s.tokens, bytes=bytes_moved, flops=flops)
+            threads=threads, label=s.label, batch=s.batch(DEVICE), tokens=s.tokens, channels=s.channels,
+            metric_channels=s.metric_channels, protected=s.protected, r=s.r, heads=s.heads,
+            head_dim=s.head_dim, bytes=bytes_moved, flops=flops)
         benchmark(timed)
 
 
@@ -96,11 +101,6 @@ def skip_compiled(benchmark, shape, dtype, direction):
         pytest.skip("quick mode: the compiled chain only at the headline shapes, fp32, forward")
 
 
-def skip_quick(shape):
-    if QUICK and shape == "diffusion":
-        pytest.skip("quick mode: no diffusion shape")
-
-
 def token_bytes(x, tokens_in, tokens_out):
     """Bytes of reading x at ``tokens_in`` tokens and writing it at ``tokens_out``."""
     return x.element_size() * x.shape[0] * x.shape[-1] * (tokens_in + tokens_out)
@@ -108,7 +108,6 @@ def token_bytes(x, tokens_in, tokens_out):
 
 @cases(fwd=BACKENDS + ("floor_scores",))
 def test_match(benchmark, threads, direction, provider, shape, dtype):
-    skip_quick(shape)
     s = SHAPES[shape]
     _, _, metric, _ = merge_inputs(shape, dtype)
     num_a, num_b = reference.num_a(s.tokens, s.protected), reference.num_b(s.tokens, s.protected)
@@ -124,7 +123,6 @@ def test_match(benchmark, threads, direction, provider, shape, dtype):
 
 @cases(fwd=BACKENDS + ("floor_copy",), bwd=BACKENDS + ("floor_copy",))
 def test_merge(benchmark, threads, direction, provider, shape, dtype):
-    skip_quick(shape)
     s = SHAPES[shape]
     x, size, _, (unm_idx, src_idx, dst_idx) = merge_inputs(shape, dtype)
     if provider == "floor_copy":
@@ -141,7 +139,6 @@ def test_merge(benchmark, threads, direction, provider, shape, dtype):
 def test_bipartite_merge(benchmark, threads, direction, provider, shape, dtype):
     """Match + merge of x with sizes; the backward is the merge's, w.r.t. x (the metric is never
     differentiated: the chain gets a detached one too, so that both do the same work)."""
-    skip_quick(shape)
     s = SHAPES[shape]
     x, size, metric, _ = merge_inputs(shape, dtype)
     metric = metric.detach()
@@ -171,7 +168,6 @@ def test_bipartite_merge(benchmark, threads, direction, provider, shape, dtype):
 
 @cases(fwd=BACKENDS + ("floor_copy",), bwd=BACKENDS + ("floor_copy",))
 def test_unmerge(benchmark, threads, direction, provider, shape, dtype):
-    skip_quick(shape)
     s = SHAPES[shape]
     x, _, _, (unm_idx, src_idx, dst_idx) = merge_inputs(shape, dtype)
     y = x[:, s.r:].contiguous()  # a merged [B, N - r, C] tensor
@@ -188,7 +184,6 @@ def test_unmerge(benchmark, threads, direction, provider, shape, dtype):
 @cases(fwd=BACKENDS + ("sdpa_unbiased",), bwd=BACKENDS + ("sdpa_unbiased",))
 def test_prop_attention(benchmark, threads, direction, provider, shape, dtype):
     """``softmax(q kᵀ / √d + log size) v``; the ``torch`` backend is the explicit-softmax formulation."""
-    skip_quick(shape)
     if DEVICE == "cpu" and shape == "diffusion" and provider == "torch":
         pytest.skip("explicit softmax at N=4096 on CPU: GBs of logits and seconds per call")
     s = SHAPES[shape]
