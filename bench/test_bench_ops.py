@@ -74,12 +74,13 @@ def run(benchmark, threads, op, direction, provider, shape, dtype, forward, inpu
 
             def step():
                 return torch.autograd.grad(out, leaves, grad, retain_graph=True)
-        timed = step
         if DEVICE == "cuda":  # the timer must see the kernels finish, not only their launch
             def timed():
                 result = step()
                 torch.cuda.synchronize()
                 return result
+        else:
+            timed = step
         if not (benchmark.disabled or QUICK):
             timed()  # warm-up: compiles, autotunes, first-touch allocations
         if DEVICE == "cuda":
