@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The op benchmarks and their report, one command each way:
-#   bash scripts/bench.sh [bench.json]  full run (~25 min on 2 cores), then docs/BENCHMARKS.md's generated
-#                                       section and docs/bench_ops.png from its JSON
+#   bash scripts/bench.sh [bench.json]  full run (2 cores: ~20 min, ~10 with inductor's cache warm), then the
+#                                       generated section of docs/BENCHMARKS.md and docs/bench_ops.png
 #   bash scripts/bench.sh --quick       CI: 1 round per case at the headline shapes (~1-2 min), rendered into
 #                                       a scratch copy of the docs, so that neither the benchmarks nor the
 #                                       report can rot; docs/ untouched, speed never asserted

@@ -203,14 +203,17 @@ def chart(results, backends, path):
     series = [(b, d, t) for b in backends for d in DIRECTIONS for t in DTYPES]
     width = 0.8 / len(series)
     for ax, op in zip(axes, OPS):
-        shapes = [s for s in SHAPE_ORDER if any(k[0] == op and k[2] == s for k in results)]
-        for i, (backend, direction, dtype) in enumerate(series):
+        speedups = {}
+        for backend, direction, dtype in series:
             baseline = "chain" if (op == "bipartite_merge" and direction == "fwd") else "torch"
-            values = []
-            for shape in shapes:
+            for shape in SHAPE_ORDER:
                 group = results.get((op, direction, shape, dtype), {})
                 ours, theirs = min_time(group, backend), min_time(group, baseline)
-                values.append(theirs / ours if ours and theirs else math.nan)
+                if ours and theirs:
+                    speedups[backend, direction, dtype, shape] = theirs / ours
+        shapes = [s for s in SHAPE_ORDER if any(key[3] == s for key in speedups)]  # e.g. no reference timed
+        for i, (backend, direction, dtype) in enumerate(series):
+            values = [speedups.get((backend, direction, dtype, shape), math.nan) for shape in shapes]
             ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(shapes))], values, width,
                    label=f"{backend} {direction} {dtype}")
         ax.axhline(1.0, color="black", linewidth=0.8)
