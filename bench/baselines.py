@@ -1,25 +1,38 @@
-"""Baselines for the CPU merge benchmarks: the plain-PyTorch ToMe chain (eager and ``torch.compile``) and
-the floor of one ToMe step (one copy of x; one BLAS product of the normalised A and B sets).
+"""Baselines of the op benchmarks, timed in the same groups as the ops.
 
-The chain itself is the spec's ``reference.tome_chain`` (full normalised score matrix, max, argsort, gather,
-``scatter_reduce`` of x * size and of size, then a division), so benchmarks and tests time and check one
-function."""
+* ``chain``: one ToMe step as the original chain of PyTorch ops, the spec's ``reference.tome_chain``
+  (full normalised score matrix, max, argsort, gather, ``scatter_reduce`` of x * size and of size, a
+  division), eager and under ``torch.compile``; benchmarks and tests time and check one function.
+* The floor of one ToMe step: the larger of one copy of x and one BLAS product of the normalised A and B
+  sets (both timed; the report takes the larger).
+* Attention: the explicit-softmax formulation is the ``torch`` backend itself; ``sdpa_unbiased`` is
+  PyTorch's SDPA without the size bias, the cost of attention without proportional attention.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from tome_kernels import reference
 
+# One compiled chain serves every shape, dtype and grad mode (dynamic=False: one graph each); 6 shapes x
+# 2 dtypes x {fwd, bwd} exceed dynamo's default of 8 graphs per function, past which it runs eagerly.
+torch._dynamo.config.recompile_limit = 64
 
-def make_inputs(batch: int, tokens: int, channels: int, metric_channels: int | None, seed: int = 0):
-    """``(x, size, metric)`` fp32; ``metric`` is x itself when ``metric_channels`` is None (DETR)."""
+
+def make_inputs(shape, batch: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """``(x, size, metric)``: sizes 1-4 (a mid-network state); ``metric`` is x itself when the shape has no
+    metric channels (DETR, diffusion)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, tokens, channels, generator=gen)
-    metric = x if metric_channels is None else torch.randn(batch, tokens, metric_channels, generator=gen)
-    return x, torch.ones(batch, tokens, 1), metric
+    x = torch.randn(batch, shape.tokens, shape.channels, generator=gen)
+    size = torch.randint(1, 5, (batch, shape.tokens, 1), generator=gen).float()
+    metric = None if shape.metric_channels is None else torch.randn(batch, shape.tokens, shape.metric_channels,
+                                                                    generator=gen)
+    x, size = x.to(device, dtype), size.to(device, dtype)
+    return x, size, (x if metric is None else metric.to(device, dtype))
 
 
 def chain(x, size, metric, r: int, protected: int):
@@ -46,3 +59,7 @@ def floor_copy(x):
 
 def floor_scores(a, b):
     return torch.bmm(a, b.transpose(1, 2))
+
+
+def sdpa_unbiased(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)

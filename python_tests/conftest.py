@@ -30,23 +30,3 @@ def backend(request):
     device, name = request.param
     with tome_kernels.use_backend(name):
         yield device, name
-
-
-def tie_free_metric(batch: int, num_tokens: int, channels: int = 64, dtype=torch.float32, device="cpu", seed=0):
-    """A metric whose best scores are well separated (gaps ~1/N, far above rounding), so every backend
-    must return exactly the reference's indices: A token i is a random B token plus an orthogonal offset
-    of a distinct length, so its best score 1/sqrt(1 + noise^2) is distinct and far from the runner-up."""
-    gen = torch.Generator().manual_seed(seed)
-    metric = torch.randn(batch, num_tokens, channels, generator=gen, dtype=torch.float64)
-    num_a = (num_tokens + 1) // 2
-    num_b = num_tokens // 2
-    if num_b > 0 and channels >= 32:
-        partner = torch.randint(num_b, (batch, num_a), generator=gen)
-        noise = torch.stack([torch.randperm(num_a, generator=gen) for _ in range(batch)]).to(torch.float64)
-        noise = (0.1 + 0.9 * noise / max(num_a, 1))[..., None]
-        base = metric[:, 1::2].gather(1, partner[..., None].expand(-1, -1, channels))
-        direction = torch.randn(batch, num_a, channels, generator=gen, dtype=torch.float64)
-        direction -= (direction * base).sum(-1, keepdim=True) / (base * base).sum(-1, keepdim=True) * base
-        direction = direction / direction.norm(dim=-1, keepdim=True) * base.norm(dim=-1, keepdim=True)
-        metric[:, 0::2] = base + noise * direction
-    return metric.to(dtype).to(device)

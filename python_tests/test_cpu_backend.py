@@ -4,7 +4,7 @@ directly (memory safety, fresh outputs) and determinism across thread counts."""
 
 import pytest
 import torch
-from conftest import tie_free_metric
+from tome_testing import tie_free_metric
 from torch.library import opcheck
 
 import tome_kernels

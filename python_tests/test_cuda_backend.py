@@ -20,7 +20,7 @@ from typing import Callable, ContextManager
 
 import pytest
 import torch
-from conftest import tie_free_metric
+from tome_testing import tie_free_metric
 
 import cuda_emulation
 import tome_kernels

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import tie_free_metric
+from tome_testing import tie_free_metric
 from torch.library import opcheck
 
 import tome_kernels

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import tie_free_metric
+from tome_testing import tie_free_metric
 from torch.library import opcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
