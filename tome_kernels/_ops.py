@@ -117,6 +117,12 @@ def _check_size_values(size: Optional[Tensor], allow_zero: bool) -> None:
                          f"{(~torch.isfinite(size)).sum().item()} non-finite")
 
 
+def _fresh(t: Tensor) -> Tensor:
+    """A contiguous copy (the r = 0 identity): outputs are contiguous, as the fakes say, whatever the input's
+    strides (clone() would keep a transposed input's)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _check_index_values(backend, num_tokens, protected, unm_idx, src_idx, dst_idx) -> None:
     if unm_idx.device.type == "cpu" and getattr(backend, "CHECKS_CPU_INDEX_VALUES", False):
         return
@@ -184,8 +190,8 @@ def _merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], unm_idx: Te
     backend = resolve(x.device)
     _check_index_values(backend, x.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:  # r = 0: the input, unchanged and in the same order, on every backend
-        size_out = torch.ones_like(x[..., :1]) if size is None else size.unsqueeze(-1).clone()
-        return x.clone(), (x.new_empty(0) if pos is None else pos.clone()), size_out
+        size_out = x.new_ones(x.shape[:2]).unsqueeze(-1) if size is None else _fresh(size.unsqueeze(-1))
+        return _fresh(x), (x.new_empty(0) if pos is None else _fresh(pos)), size_out
     x_out, pos_out, size_out = backend.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected,
                                                        pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1)
@@ -278,7 +284,7 @@ def _merge_backward(grad_x: Tensor, grad_pos: Optional[Tensor], size: Optional[T
     backend = resolve(grad_x.device)
     _check_index_values(backend, grad_x.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
-        return grad_x.clone(), (grad_x.new_empty(0) if grad_pos is None else grad_pos.clone())
+        return _fresh(grad_x), (grad_x.new_empty(0) if grad_pos is None else _fresh(grad_pos))
     grad_x_in, grad_pos_in = backend.merge_backward(
         grad_x.contiguous(), None if grad_pos is None else grad_pos.contiguous(), size, size_out,
         unm_idx, src_idx, dst_idx, protected, pos_mode == "mean")
@@ -315,7 +321,7 @@ def unmerge(y: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protec
     backend = resolve(y.device)
     _check_index_values(backend, y.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
-        return y.clone()
+        return _fresh(y)
     return backend.unmerge(y, unm_idx, src_idx, dst_idx, protected)
 
 
@@ -351,7 +357,7 @@ def _unmerge_backward(grad: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: T
     backend = resolve(grad.device)
     _check_index_values(backend, grad.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
-        return grad.clone()
+        return _fresh(grad)
     return backend.unmerge_backward(grad.contiguous(), unm_idx, src_idx, dst_idx, protected)
 
 
