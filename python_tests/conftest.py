@@ -32,6 +32,22 @@ def backend(request):
         yield device, name
 
 
+# Tolerances of a backend against the reference, by dtype (rtol = atol): both accumulate in fp32 (fp64 for fp64),
+# so half types differ by about one rounding of the output.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def reference_outputs(fn, *args, **kwargs):
+    """``fn`` run on the torch backend (tome_kernels/reference.py): the expected values."""
+    with tome_kernels.use_backend("torch"):
+        return fn(*args, **kwargs)
+
+
+def assert_close(actual, expected, dtype=None):
+    tol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
 def tie_free_metric(batch: int, num_tokens: int, channels: int = 64, dtype=torch.float32, device="cpu", seed=0):
     """A metric whose best scores are well separated (gaps ~1/N, far above rounding), so every backend
     must return exactly the reference's indices: A token i is a random B token plus an orthogonal offset
