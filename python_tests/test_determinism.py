@@ -72,7 +72,9 @@ def test_python_threads_give_the_same_answers(backend):
     """Four Python threads call every op (forward and backward) at once, 3 times each: every call gives the
     single-threaded bits."""
     device, name = backend
-    shapes = [(2, 15, 8), (1, 22, 8)] if name == "triton" else [(3, 197, 32), (2, 64, 16), (1, 577, 8), (4, 11, 4)]
+    if name == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter keeps the launch grid in global state: not thread-safe (GPU launches are)")
+    shapes = [(3, 197, 32), (2, 64, 16), (1, 577, 8), (4, 11, 4)]
     expected = {shape: every_op(*shape) for shape in shapes}
     errors, barrier = [], threading.Barrier(4)
 
