@@ -40,7 +40,9 @@ def _extension():
     cxx = ["-O3", "-g0", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     link = ["-fopenmp"]
     if os.environ.get("TOME_SANITIZE") == "1":
-        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        # -fno-wrapv: Python's CFLAGS add -fwrapv, which defines signed overflow and so hides it from UBSan.
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined",
+                    "-fno-wrapv"]
         cxx = [f for f in cxx if f not in ("-O3", "-g0")] + ["-O1", "-g"] + sanitize
         link += sanitize
     if _want_cuda():

@@ -13,14 +13,9 @@ os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_cache, "triton"))
 import pytest  # noqa: E402
 
 import tome_kernels  # noqa: E402
+from tome_testing import available  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def available(device: str) -> list[str]:
-    return [name for name, reason in tome_kernels.available_backends(device).items() if reason is None]
-
-
 BACKEND_CASES = [pytest.param((device, name), id=f"{device}-{name}") for device in DEVICES for name in available(device)]
 
 

@@ -4,13 +4,11 @@ import re
 
 import pytest
 import torch
-from tome_testing import tie_free_metric
+from tome_testing import assert_close, reference_outputs, tie_free_metric
 from torch.library import opcheck
 
 import tome_kernels
 from tome_kernels import reference
-
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # (batch, N, channels, protected, r): ViT counts, odd/prime N, r = 0, r at and past the clamp.
 SHAPES = [
@@ -24,16 +22,6 @@ SHAPES = [
     (2, 257, 33, 0, 64),
 ]
 SHAPE_IDS = [f"B{b}-N{n}-C{c}-p{p}-r{r}" for b, n, c, p, r in SHAPES]
-
-
-def reference_outputs(fn, *args, **kwargs):
-    with tome_kernels.use_backend("torch"):
-        return fn(*args, **kwargs)
-
-
-def assert_close(actual, expected, dtype=None):
-    tol = TOL[dtype or expected.dtype]
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 
 
 def make_tokens(batch, num_tokens, channels, dtype, device, seed=1):

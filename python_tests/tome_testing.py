@@ -3,6 +3,13 @@
 
 import torch
 
+import tome_kernels
+
+
+def available(device: str) -> list[str]:
+    """The backends usable on ``device`` here."""
+    return [name for name, reason in tome_kernels.available_backends(device).items() if reason is None]
+
 
 def tie_free_metric(batch: int, num_tokens: int, channels: int = 64, dtype=torch.float32, device="cpu", seed=0):
     """A metric whose best scores are well separated (gaps ~1/N, far above rounding), so every backend
@@ -22,3 +29,19 @@ def tie_free_metric(batch: int, num_tokens: int, channels: int = 64, dtype=torch
         direction = direction / direction.norm(dim=-1, keepdim=True) * base.norm(dim=-1, keepdim=True)
         metric[:, 0::2] = base + noise * direction
     return metric.to(dtype).to(device)
+
+
+# Tolerances of a backend against the reference, by dtype (rtol = atol): both accumulate in fp32 (fp64 for fp64),
+# so half types differ by about one rounding of the output.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def reference_outputs(fn, *args, **kwargs):
+    """``fn`` run on the torch backend (tome_kernels/reference.py): the expected values."""
+    with tome_kernels.use_backend("torch"):
+        return fn(*args, **kwargs)
+
+
+def assert_close(actual, expected, dtype=None):
+    tol = TOL[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)

@@ -10,19 +10,18 @@ the C++ backends implement the ``_native_*`` schemas.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.library import Library, custom_op
 
-import os
-
 from . import reference
 from ._backend import resolve
 
-# Index values of CPU tensors are checked always (by the C++ cpu backend itself, before any parallel region,
-# else here); of GPU tensors only on request, as the check synchronises.
+# Index and size values of CPU tensors are checked always (indices by the C++ cpu backend itself, before any
+# parallel region, else here); of GPU tensors only on request, as the check synchronises.
 _CHECK_GPU_INDICES = os.environ.get("TOME_CHECK_INDICES") == "1"
 
 _lib = Library("tome", "FRAGMENT")
@@ -108,6 +107,24 @@ def _check_indices(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, batch, num
                          f"tokens with protected={protected}: pass the indices bipartite_match returned for them")
 
 
+def _check_size_values(size: Optional[Tensor], allow_zero: bool) -> None:
+    """Merged sizes must be positive and finite (a weight of 0 or less has no mean); attention accepts 0 (log 0
+    = -inf masks the key, as DETR's padding)."""
+    if size is None or not (size.device.type == "cpu" or _CHECK_GPU_INDICES) or size.numel() == 0:
+        return
+    low = size.min()
+    if not (torch.isfinite(size).all() and (low >= 0 if allow_zero else low > 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"tome: size must be finite and {bound}, got min {low.item()}, "
+                         f"{(~torch.isfinite(size)).sum().item()} non-finite")
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """A contiguous copy (the r = 0 identity): outputs are contiguous, as the fakes say, whatever the input's
+    strides (clone() would keep a transposed input's)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _check_index_values(backend, num_tokens, protected, unm_idx, src_idx, dst_idx) -> None:
     if unm_idx.device.type == "cpu" and getattr(backend, "CHECKS_CPU_INDEX_VALUES", False):
         return
@@ -171,11 +188,12 @@ def _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
 def _merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor,
            dst_idx: Tensor, protected: int, pos_mode: str) -> tuple[Tensor, Tensor, Tensor]:
     size = _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode)
+    _check_size_values(size, allow_zero=False)
     backend = resolve(x.device)
     _check_index_values(backend, x.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:  # r = 0: the input, unchanged and in the same order, on every backend
-        size_out = torch.ones_like(x[..., :1]) if size is None else size.unsqueeze(-1).clone()
-        return x.clone(), (x.new_empty(0) if pos is None else pos.clone()), size_out
+        size_out = x.new_ones(x.shape[:2]).unsqueeze(-1) if size is None else _fresh(size.unsqueeze(-1))
+        return _fresh(x), (x.new_empty(0) if pos is None else _fresh(pos)), size_out
     x_out, pos_out, size_out = backend.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected,
                                                        pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1)
@@ -246,22 +264,47 @@ def _size_gradient(grad_x_out, grad_pos_out, grad_size_out, x, x_out, pos, pos_o
 _merge.register_autograd(_merge_backward_autograd, setup_context=_merge_setup_context)
 
 
+def _check_merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, pos_mode):
+    """Validate a direct call as _merge's; returns (size, size_out) as [B, N] and [B, N - r]."""
+    _check_float("grad_x", grad_x, 3)
+    batch, num_out, _ = grad_x.shape
+    if grad_pos is not None:
+        _check_float("grad_pos", grad_pos, 3)
+        _check_tokens("grad_pos", grad_pos, batch, num_out)
+    if pos_mode not in _POS_MODES:
+        raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
+    _check_same_device(grad_x=grad_x, grad_pos=grad_pos, size=size, size_out=size_out, unm_idx=unm_idx,
+                       src_idx=src_idx, dst_idx=dst_idx)
+    num_tokens = num_out + _num_merges(src_idx)
+    _check_indices(unm_idx, src_idx, dst_idx, batch, num_tokens, protected)
+    return _size_2d(size, batch, num_tokens), _size_2d(size_out, batch, num_out, "size_out")
+
+
+def _num_merges(src_idx: Tensor) -> int:
+    if src_idx.dim() != 2:
+        raise ValueError(f"tome: src_idx must be [batch, r], got shape {tuple(src_idx.shape)}")
+    return src_idx.shape[1]
+
+
 @custom_op("tome::_merge_backward", mutates_args=())
 def _merge_backward(grad_x: Tensor, grad_pos: Optional[Tensor], size: Optional[Tensor], size_out: Tensor,
                     unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protected: int,
                     pos_mode: str) -> tuple[Tensor, Tensor]:
-    batch, num_out, _ = grad_x.shape
+    size, size_out = _check_merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected,
+                                           pos_mode)
+    backend = resolve(grad_x.device)
+    _check_index_values(backend, grad_x.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
-        return grad_x.clone(), (grad_x.new_empty(0) if grad_pos is None else grad_pos.clone())
-    size = _size_2d(size, batch, num_out + src_idx.shape[1])
-    grad_x_in, grad_pos_in = resolve(grad_x.device).merge_backward(
-        grad_x.contiguous(), None if grad_pos is None else grad_pos.contiguous(), size, size_out.squeeze(-1),
+        return _fresh(grad_x), (grad_x.new_empty(0) if grad_pos is None else _fresh(grad_pos))
+    grad_x_in, grad_pos_in = backend.merge_backward(
+        grad_x.contiguous(), None if grad_pos is None else grad_pos.contiguous(), size, size_out,
         unm_idx, src_idx, dst_idx, protected, pos_mode == "mean")
     return grad_x_in, (grad_x.new_empty(0) if grad_pos_in is None else grad_pos_in)
 
 
 @_merge_backward.register_fake
 def _(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, pos_mode):
+    _check_merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, pos_mode)
     batch, num_out, channels = grad_x.shape
     num_tokens = num_out + src_idx.shape[1]
     grad_pos_in = grad_x.new_empty(0) if grad_pos is None else grad_pos.new_empty(batch, num_tokens,
@@ -305,11 +348,12 @@ def bipartite_merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], r:
     without pos. Equivalent PyTorch: ``reference.match`` then ``reference.merge``.
     """
     size = _check_bipartite_merge(x, pos, size, r, metric, protected, pos_mode)
+    _check_size_values(size, allow_zero=False)
     metric = x if metric is None else metric
     if reference.clamp_r(r, x.shape[1], protected) == 0:  # nothing merges: the input, as every op returns it
         unm_idx, src_idx, dst_idx = bipartite_match(metric, r, protected)
-        size_out = torch.ones_like(x[..., :1]) if size is None else size.unsqueeze(-1).clone()
-        return (x.clone(), (x.new_empty(0) if pos is None else pos.clone()), size_out, unm_idx, src_idx, dst_idx)
+        size_out = x.new_ones(x.shape[:2]).unsqueeze(-1) if size is None else _fresh(size.unsqueeze(-1))
+        return _fresh(x), (x.new_empty(0) if pos is None else _fresh(pos)), size_out, unm_idx, src_idx, dst_idx
     backend = resolve(x.device)
     fused = getattr(backend, "bipartite_merge", None)
     if fused is not None:
@@ -350,9 +394,7 @@ bipartite_merge.register_autograd(_bipartite_merge_backward_autograd, setup_cont
 def _check_unmerge(y, unm_idx, src_idx, dst_idx, protected):
     _check_float("y", y, 3)
     _check_same_device(y=y, unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
-    if src_idx.dim() != 2:
-        raise ValueError(f"tome: src_idx must be [batch, r], got shape {tuple(src_idx.shape)}")
-    _check_indices(unm_idx, src_idx, dst_idx, y.shape[0], y.shape[1] + src_idx.shape[1], protected)
+    _check_indices(unm_idx, src_idx, dst_idx, y.shape[0], y.shape[1] + _num_merges(src_idx), protected)
 
 
 @custom_op("tome::unmerge", mutates_args=())
@@ -366,7 +408,7 @@ def unmerge(y: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protec
     backend = resolve(y.device)
     _check_index_values(backend, y.shape[1] + src_idx.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
-        return y.clone()
+        return _fresh(y)
     return backend.unmerge(y, unm_idx, src_idx, dst_idx, protected)
 
 
@@ -390,15 +432,25 @@ def _unmerge_backward_autograd(ctx, grad):
 unmerge.register_autograd(_unmerge_backward_autograd, setup_context=_unmerge_setup_context)
 
 
+def _check_unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected):
+    _check_float("grad", grad, 3)
+    _check_same_device(grad=grad, unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
+    _check_indices(unm_idx, src_idx, dst_idx, grad.shape[0], grad.shape[1], protected)
+
+
 @custom_op("tome::_unmerge_backward", mutates_args=())
 def _unmerge_backward(grad: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, protected: int) -> Tensor:
+    _check_unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected)
+    backend = resolve(grad.device)
+    _check_index_values(backend, grad.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:
-        return grad.clone()
-    return resolve(grad.device).unmerge_backward(grad.contiguous(), unm_idx, src_idx, dst_idx, protected)
+        return _fresh(grad)
+    return backend.unmerge_backward(grad.contiguous(), unm_idx, src_idx, dst_idx, protected)
 
 
 @_unmerge_backward.register_fake
 def _(grad, unm_idx, src_idx, dst_idx, protected):
+    _check_unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected)
     return grad.new_empty(grad.shape[0], grad.shape[1] - src_idx.shape[1], grad.shape[2])
 
 
@@ -413,6 +465,8 @@ def _check_attention(q, k, v, size):
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"tome: q, k, v need a head dim >= 1, got q {tuple(q.shape)}")
     _check_same_device(q=q, k=k, v=v, size=size)
     return _size_2d(size, k.shape[0], k.shape[2])
 
@@ -420,14 +474,14 @@ def _check_attention(q, k, v, size):
 @custom_op("tome::_prop_attention", mutates_args=())
 def _prop_attention(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     size = _check_attention(q, k, v, size)
+    _check_size_values(size, allow_zero=True)
     return resolve(q.device).attention(q, k, v, size, scale)
 
 
 @_prop_attention.register_fake
 def _(q, k, v, size, scale):
     _check_attention(q, k, v, size)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -449,15 +503,32 @@ def _attention_backward_autograd(ctx, grad_out, _grad_lse):
 _prop_attention.register_autograd(_attention_backward_autograd, setup_context=_attention_setup_context)
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_attention_backward(grad_out, q, k, v, size, out, lse):
+    size = _check_attention(q, k, v, size)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.shape != q.shape or t.dtype != q.dtype:
+            raise ValueError(f"tome: {name} must be {q.dtype} {tuple(q.shape)} like q, got {t.dtype} {tuple(t.shape)}")
+    if lse.shape != q.shape[:3] or lse.dtype != _lse_dtype(q.dtype):
+        raise ValueError(f"tome: lse must be {_lse_dtype(q.dtype)} {tuple(q.shape[:3])} (from _prop_attention), "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
+    _check_same_device(grad_out=grad_out, q=q, out=out, lse=lse)
+    return size
+
+
 @custom_op("tome::_prop_attention_backward", mutates_args=())
 def _prop_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor],
                              out: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    size = _size_2d(size, k.shape[0], k.shape[2])
+    size = _check_attention_backward(grad_out, q, k, v, size, out, lse)
     return resolve(q.device).attention_backward(grad_out.contiguous(), q, k, v, size, out, lse, scale)
 
 
 @_prop_attention_backward.register_fake
 def _(grad_out, q, k, v, size, out, lse, scale):
+    _check_attention_backward(grad_out, q, k, v, size, out, lse)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -502,7 +573,9 @@ def _merge_composite(x, size, unm_idx, src_idx, dst_idx, protected=0):
 def _prop_attention_composite(q, k, v, size=None, scale=None):
     if q.dim() != 4:
         raise ValueError(f"tome: q must be [B, H, Nq, D], got shape {tuple(q.shape)}")
-    return _prop_attention(q, k, v, size, q.shape[-1] ** -0.5 if scale is None else scale)[0]
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head dim 0: _prop_attention rejects it
+    return _prop_attention(q, k, v, size, scale)[0]
 
 
 _lib.impl("merge", _merge_composite, "CompositeImplicitAutograd")

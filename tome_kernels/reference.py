@@ -222,15 +222,22 @@ def unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected: int):
     return out.to(grad.dtype)
 
 
+def _masked_row_safe(lse):
+    """lse with -inf (a row whose keys all have size 0, or no keys) replaced by 0: such a row's logits are all
+    -inf, so its probabilities become exp(-inf) = 0 (output and gradients 0) instead of exp(-inf + inf) = NaN."""
+    return lse.masked_fill(lse.isneginf(), 0)
+
+
 def attention(q, k, v, size, scale: float):
     """Proportional attention ``softmax(q k^T * scale + log size) v``. Returns ``(out, lse)`` with the
-    row log-sum-exp ``lse [batch, heads, Nq]`` in fp32 (fp64 for fp64 inputs)."""
+    row log-sum-exp ``lse [batch, heads, Nq]`` in fp32 (fp64 for fp64 inputs). A query row whose keys all
+    have size 0 (or Nk = 0) gets output 0 and lse -inf, and zero gradients."""
     acc = _accumulate_dtype(q.dtype)
     logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if size is not None:
         logits = logits + size.to(acc).log()[:, None, None, :]
     lse = logits.logsumexp(dim=-1)
-    probs = (logits - lse[..., None]).exp()
+    probs = (logits - _masked_row_safe(lse)[..., None]).exp()
     return (probs @ v.to(acc)).to(q.dtype), lse
 
 
@@ -240,7 +247,7 @@ def attention_backward(grad_out, q, k, v, size, out, lse, scale: float):
     logits = (q @ k.transpose(-1, -2)) * scale
     if size is not None:
         logits = logits + size.to(acc).log()[:, None, None, :]
-    probs = (logits - lse.to(acc)[..., None]).exp()
+    probs = (logits - _masked_row_safe(lse.to(acc))[..., None]).exp()
     grad_v = probs.transpose(-1, -2) @ grad_out
     grad_probs = grad_out @ v.transpose(-1, -2)
     delta = (grad_out * out).sum(-1, keepdim=True)

@@ -170,8 +170,8 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
   check_float("metric", metric_in, 3);
   const int64_t batch = metric_in.size(0), num_tokens = metric_in.size(1);
-  TORCH_CHECK(r >= 0, "tome: r must be >= 0, got ", r);
-  TORCH_CHECK(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
+  TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
+  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
               num_tokens, "], got ", protected_tokens);
   const Layout layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
   const at::Tensor metric = metric_in.contiguous();
@@ -179,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
   at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
   at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
   at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
+  if (batch == 0) return {unm_idx, src_idx, dst_idx};  // the tiling below divides by the batch
   dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
     match_kernel<decltype(data), decltype(accum)>(metric, layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
                                                   src_idx.mutable_data_ptr<int64_t>(),

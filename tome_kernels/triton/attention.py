@@ -76,12 +76,15 @@ def _attn_fwd_kernel(
         s += _load_bias(size_ptr, stride_sn, cols, mask_n, has_size, ACC_DTYPE)[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        # While a row has seen only masked keys (size 0: -inf), shift by 0, not -inf (exp(-inf + inf) = NaN).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_F32, PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    # All keys masked: out 0 (acc is 0), lse = -inf + log 0 = -inf.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_rows = bh * seq_q + rows
     tl.store(out_ptr + out_rows[:, None] * head_dim + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
@@ -118,9 +121,10 @@ def _load_bias(size_ptr, stride_sn, cols, mask_n, has_size, ACC_DTYPE: tl.conste
 @triton.jit
 def _recompute_p(q, k, lse, bias, mask_m, mask_n, scale, ACC_DTYPE: tl.constexpr, DOT_F32: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """Probabilities of a [BLOCK_M, BLOCK_N] tile from the saved log-sum-exp (0 outside the matrix)."""
+    """Probabilities of a [BLOCK_M, BLOCK_N] tile from the saved log-sum-exp (0 outside the matrix, and in
+    all-masked rows, lse -inf: there every bias is -inf, so any finite shift gives 0, not NaN)."""
     s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=ACC_DTYPE), DOT_F32, PRECISION) * scale
-    p = tl.exp(s + bias[None, :] - lse[:, None])
+    p = tl.exp(s + bias[None, :] - tl.where(lse == float("-inf"), 0.0, lse)[:, None])
     return tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
 
 

@@ -92,6 +92,9 @@ def _match_fwd_kernel(
             dots = tl.dot(a, tl.trans(b), dots, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         inv_b = 1.0 / tl.maximum(tl.sqrt(ssq_b), NORM_EPS)
         scores = dots * inv_a[:, None] * inv_b[None, :]
+        # A NaN score (a NaN or infinite metric) ranks as torch.max / torch.sort rank NaN: above every number.
+        # Finite scores are cosines in [-1, 1], so +inf stands for NaN below (first one wins, as torch.max).
+        scores = tl.where(scores != scores, float("inf"), scores)
         scores = tl.where(mask_b[None, :], scores, float("-inf"))
         tile_best, tile_arg = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best  # strict: on ties the earlier tile (lower B index) stays

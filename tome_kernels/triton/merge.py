@@ -26,7 +26,6 @@ itself otherwise); a B output also holds the sources ``src_idx[k]`` with ``dst_i
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -235,9 +234,9 @@ def _gather_launch(out, pos_out, size_out, x, pos, size, unm_idx, src_idx, dst_i
     unm_idx, src_idx, dst_idx, size = _contiguous_indices(unm_idx, src_idx, dst_idx, size)
     layout = _layout_args(num_tokens, protected, unm_idx, src_idx)
     block_c = _block_c(channels, pos_channels)
-    x_blocks = triton.cdiv(channels, block_c)
+    x_blocks = max(1, triton.cdiv(channels, block_c))  # channel block 0 also writes size_out (C = 0 too)
     grid = (triton.cdiv(layout["num_out"], BLOCK_T), x_blocks + triton.cdiv(pos_channels, block_c), batch)
-    if batch == 0 or grid[0] == 0 or grid[1] == 0:
+    if batch == 0 or grid[0] == 0:
         return
     pos_t = x if pos is None else pos
     with device_guard(x):
