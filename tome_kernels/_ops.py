@@ -171,7 +171,8 @@ def _(metric, r, protected=0):
 # ----------------------------------------------------------------------------------------------------
 # _merge: x (size-weighted), pos (keep | mean), size (sum) in one kernel call
 # ----------------------------------------------------------------------------------------------------
-def _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
+def _check_x_pos(x, pos, pos_mode):
+    """Checks of the tokens to merge and their positions; returns (batch, N)."""
     _check_float("x", x, 3)
     batch, num_tokens, _ = x.shape
     if pos is not None:
@@ -179,6 +180,11 @@ def _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
         _check_tokens("pos", pos, batch, num_tokens)
     if pos_mode not in _POS_MODES:
         raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
+    return batch, num_tokens
+
+
+def _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
+    batch, num_tokens = _check_x_pos(x, pos, pos_mode)
     _check_same_device(x=x, pos=pos, size=size, unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx)
     _check_indices(unm_idx, src_idx, dst_idx, batch, num_tokens, protected)
     return _size_2d(size, batch, num_tokens)
@@ -318,21 +324,13 @@ def _(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, po
 # Python). Its autograd is the merge's: matching is piecewise constant, so the metric gets no gradient.
 # ----------------------------------------------------------------------------------------------------
 def _check_bipartite_merge(x, pos, size, r, metric, protected, pos_mode):
-    _check_float("x", x, 3)
+    batch, num_tokens = _check_x_pos(x, pos, pos_mode)
     if metric is not None:
         _check_float("metric", metric, 3)
         if metric.shape[:2] != x.shape[:2]:
             raise ValueError(f"tome: metric must be [batch, N, Cm] with the batch and N of x {tuple(x.shape)}, "
                              f"got shape {tuple(metric.shape)}")
-    if r < 0:
-        raise ValueError(f"tome: r must be >= 0, got {r}")
-    batch, num_tokens, _ = x.shape
-    _check_protected(protected, num_tokens)
-    if pos is not None:
-        _check_float("pos", pos, 3)
-        _check_tokens("pos", pos, batch, num_tokens)
-    if pos_mode not in _POS_MODES:
-        raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
+    _check_match(x if metric is None else metric, r, protected)
     _check_same_device(x=x, pos=pos, size=size, metric=metric)
     return _size_2d(size, batch, num_tokens)
 
