@@ -14,8 +14,9 @@ except ImportError as error:
 
 _native = torch.ops.tome
 
-# The CPU kernels validate index values themselves (csrc/cpu/common.h, Groups) with ValueErrors.
-CHECKS_CPU_INDEX_VALUES = True
+# The CPU kernels validate index and size values themselves (csrc/cpu/common.h: Groups, check_size_values)
+# with the ValueErrors of _ops, in the pass that reads them anyway.
+CHECKS_CPU_VALUES = True
 
 
 def match(metric, r, protected):

@@ -107,10 +107,13 @@ def _check_indices(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, batch, num
                          f"tokens with protected={protected}: pass the indices bipartite_match returned for them")
 
 
-def _check_size_values(size: Optional[Tensor], allow_zero: bool) -> None:
+def _check_size_values(size: Optional[Tensor], allow_zero: bool, backend=None) -> None:
     """Merged sizes must be positive and finite (a weight of 0 or less has no mean); attention accepts 0 (log 0
-    = -inf masks the key, as DETR's padding)."""
+    = -inf masks the key, as DETR's padding). Left to ``backend`` (the one that runs the op) on CPU when it
+    checks them itself."""
     if size is None or not (size.device.type == "cpu" or _CHECK_GPU_INDICES) or size.numel() == 0:
+        return
+    if size.device.type == "cpu" and getattr(backend, "CHECKS_CPU_VALUES", False):
         return
     low = size.min()
     if not (torch.isfinite(size).all() and (low >= 0 if allow_zero else low > 0)):
@@ -126,7 +129,7 @@ def _fresh(t: Tensor) -> Tensor:
 
 
 def _check_index_values(backend, num_tokens, protected, unm_idx, src_idx, dst_idx) -> None:
-    if unm_idx.device.type == "cpu" and getattr(backend, "CHECKS_CPU_INDEX_VALUES", False):
+    if unm_idx.device.type == "cpu" and getattr(backend, "CHECKS_CPU_VALUES", False):
         return
     if unm_idx.device.type == "cpu" or _CHECK_GPU_INDICES:
         reference.check_index_values(num_tokens, protected, unm_idx, src_idx, dst_idx)
@@ -194,8 +197,8 @@ def _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
 def _merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor,
            dst_idx: Tensor, protected: int, pos_mode: str) -> tuple[Tensor, Tensor, Tensor]:
     size = _check_merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode)
-    _check_size_values(size, allow_zero=False)
     backend = resolve(x.device)
+    _check_size_values(size, allow_zero=False, backend=backend if src_idx.shape[1] else None)
     _check_index_values(backend, x.shape[1], protected, unm_idx, src_idx, dst_idx)
     if src_idx.shape[1] == 0:  # r = 0: the input, unchanged and in the same order, on every backend
         size_out = x.new_ones(x.shape[:2]).unsqueeze(-1) if size is None else _fresh(size.unsqueeze(-1))
@@ -346,13 +349,14 @@ def bipartite_merge(x: Tensor, pos: Optional[Tensor], size: Optional[Tensor], r:
     without pos. Equivalent PyTorch: ``reference.match`` then ``reference.merge``.
     """
     size = _check_bipartite_merge(x, pos, size, r, metric, protected, pos_mode)
-    _check_size_values(size, allow_zero=False)
     metric = x if metric is None else metric
     if reference.clamp_r(r, x.shape[1], protected) == 0:  # nothing merges: the input, as every op returns it
+        _check_size_values(size, allow_zero=False)
         unm_idx, src_idx, dst_idx = bipartite_match(metric, r, protected)
         size_out = x.new_ones(x.shape[:2]).unsqueeze(-1) if size is None else _fresh(size.unsqueeze(-1))
         return _fresh(x), (x.new_empty(0) if pos is None else _fresh(pos)), size_out, unm_idx, src_idx, dst_idx
     backend = resolve(x.device)
+    _check_size_values(size, allow_zero=False, backend=backend)
     fused = getattr(backend, "bipartite_merge", None)
     if fused is not None:
         x_out, pos_out, size_out, unm_idx, src_idx, dst_idx = fused(x, pos, size, metric, r, protected,
@@ -472,8 +476,9 @@ def _check_attention(q, k, v, size):
 @custom_op("tome::_prop_attention", mutates_args=())
 def _prop_attention(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     size = _check_attention(q, k, v, size)
-    _check_size_values(size, allow_zero=True)
-    return resolve(q.device).attention(q, k, v, size, scale)
+    backend = resolve(q.device)
+    _check_size_values(size, allow_zero=True, backend=backend)
+    return backend.attention(q, k, v, size, scale)
 
 
 @_prop_attention.register_fake

@@ -30,7 +30,9 @@ std::optional<at::Tensor> log_size_mask(const std::optional<at::Tensor>& size, c
   if (!size.has_value()) return std::nullopt;
   check_float("size", *size, 2);
   check_shape("size", *size, {k.size(0), k.size(2)});
-  return size->to(acc_dtype(k.scalar_type())).log().view({k.size(0), 1, 1, k.size(2)});
+  const at::Tensor size_acc = size->to(acc_dtype(k.scalar_type())).contiguous();
+  check_size_values(size_acc, /*allow_zero=*/true);
+  return size_acc.log().view({k.size(0), 1, 1, k.size(2)});
 }
 
 // The flash kernels take any strides but a unit stride in the head dimension: e.g. q, k, v sliced from one
@@ -55,12 +57,12 @@ std::tuple<at::Tensor, at::Tensor> attention_materialised(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& size, double scale) {
   check_qkv(q, k, v);
+  const auto mask = log_size_mask(size, k);
   if (empty_attention(q, k)) {
     return {at::zeros_like(q, at::MemoryFormat::Contiguous),
             at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
                      q.options().dtype(acc_dtype(q.scalar_type())))};
   }
-  const auto mask = log_size_mask(size, k);
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), /*dropout_p=*/0.0, /*is_causal=*/false, mask,
       scale);

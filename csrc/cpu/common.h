@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <exception>
+#include <limits>
 #include <vector>
 
 #include <tome/layout.h>
@@ -41,6 +43,25 @@ void dispatch_data_acc(at::ScalarType data, at::ScalarType acc, const F& f) {
     } else {
       f(scalar_t{}, float{});
     }
+  });
+}
+
+// Token sizes (contiguous, fp32 or fp64) must be finite and > 0 to be merged (a weight of 0 or less has no
+// mean), >= 0 for attention (log 0 = -inf masks the key): the ValueError of _ops._check_size_values.
+inline void check_size_values(const at::Tensor& size, bool allow_zero) {
+  AT_DISPATCH_FLOATING_TYPES(size.scalar_type(), "check_size_values", [&] {
+    const scalar_t* data = size.const_data_ptr<scalar_t>();
+    scalar_t low = std::numeric_limits<scalar_t>::infinity();
+    int64_t non_finite = 0;
+    bool valid = true;
+    for (int64_t i = 0; i < size.numel(); ++i) {
+      const scalar_t s = data[i];
+      if (std::isnan(s) || s < low) low = std::isnan(low) ? low : s;
+      non_finite += !std::isfinite(s);
+      valid = valid && std::isfinite(s) && (allow_zero ? s >= 0 : s > 0);
+    }
+    TORCH_CHECK_VALUE(valid, "tome: size must be finite and ", allow_zero ? ">= 0" : "> 0", ", got min ", low, ", ",
+                      non_finite, " non-finite");
   });
 }
 

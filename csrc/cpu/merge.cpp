@@ -188,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge(const at::Tensor& x_in, con
   const Groups g(unm_idx, src_idx, dst_idx, batch, num_tokens, protected_tokens);
   const auto acc = acc_dtype(x_in.scalar_type());
   const at::Tensor weight = weights(size, "size", batch, num_tokens, acc);
+  if (weight.defined()) check_size_values(weight, /*allow_zero=*/false);
   at::Tensor pos;
   if (pos_in.has_value()) {
     check_float("pos", *pos_in, 3);
