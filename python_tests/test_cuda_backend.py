@@ -279,7 +279,7 @@ def test_attention_strided_inputs_and_determinism(target):
 
 def test_attention_head_dim_limit(target):
     q = torch.zeros(1, 1, 2, 257, device=target.device)
-    with pytest.raises(RuntimeError, match="head dims up to 256, got 257"):
+    with pytest.raises(ValueError, match="head dims up to 256, got 257"):
         target.native._native_attention(q, q, q, None, 1.0)
 
 

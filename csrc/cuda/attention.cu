@@ -300,20 +300,22 @@ Shapes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   check_float(v, "v", 4);
   check_device(k, "k", q);
   check_device(v, "v", q);
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "tome: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got q ", q.sizes(), ", k ",
-              k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(q.size(3) <= kMaxHeadDim, "tome: the CUDA attention takes head dims up to ", kMaxHeadDim, ", got ",
-              q.size(3));
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                   "tome: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(
+      k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+      "tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got q ", q.sizes(), ", k ", k.sizes(),
+      ", v ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(3) <= kMaxHeadDim, "tome: the CUDA attention takes head dims up to ", kMaxHeadDim, ", got ",
+                    q.size(3));
   return {q.size(0), q.size(1), q.size(2), k.size(2), static_cast<int>(q.size(3))};
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& like) {
   check_device(t, name, like);
-  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), "tome: ", name, " must be ",
-              like.scalar_type(), " ", like.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), "tome: ", name, " must be ",
+                    like.scalar_type(), " ", like.sizes(), ", got ", t.scalar_type(), " ", t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -346,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const auto acc_type = acc_dtype(q_in.scalar_type());
   check_device(lse_in, "lse", q_in);
   const auto lse_shape = q_in.sizes().slice(0, 3);
-  TORCH_CHECK(lse_in.scalar_type() == acc_type && lse_in.sizes() == lse_shape, "tome: lse must be ", acc_type,
-              " [B, H, Nq] = ", lse_shape, ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  TORCH_CHECK_VALUE(lse_in.scalar_type() == acc_type && lse_in.sizes() == lse_shape, "tome: lse must be ", acc_type,
+                    " [B, H, Nq] = ", lse_shape, ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   const auto key_size = size_as(size, "size", q, s.nk, acc_type);

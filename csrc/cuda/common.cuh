@@ -64,20 +64,21 @@ __device__ __forceinline__ T warp_max(T value) {
 // Host side
 // ---------------------------------------------------------------------------------------------------
 inline void check_float(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), "tome: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == dim, "tome: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cuda(), "tome: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == dim, "tome: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
   const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+                   "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), "tome: ", name, " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "tome: ", name, " must be on ", like.device(), ", got ",
+                    t.device());
 }
 
 // r, the number of merges an index triple describes.
 inline int64_t num_merges(const at::Tensor& src_idx) {
-  TORCH_CHECK(src_idx.dim() == 2, "tome: src_idx must be [batch, r], got shape ", src_idx.sizes());
+  TORCH_CHECK_VALUE(src_idx.dim() == 2, "tome: src_idx must be [batch, r], got shape ", src_idx.sizes());
   return src_idx.size(1);
 }
 
@@ -88,17 +89,18 @@ inline Layout check_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx
   const int64_t batch = like.size(0);
   for (const auto& [t, name] : {std::pair{&unm_idx, "unm_idx"}, {&src_idx, "src_idx"}, {&dst_idx, "dst_idx"}}) {
     check_device(*t, name, like);
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == batch, "tome: ", name,
-                " must be an int64 [batch=", batch, ", k] tensor, got ", t->scalar_type(), " shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == batch, "tome: ", name,
+                      " must be an int64 [batch=", batch, ", k] tensor, got ", t->scalar_type(), " shape ",
+                      t->sizes());
   }
-  TORCH_CHECK(src_idx.sizes() == dst_idx.sizes(), "tome: src_idx and dst_idx must have one shape, got ",
-              src_idx.sizes(), " and ", dst_idx.sizes());
-  TORCH_CHECK(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
-              num_tokens, "], got ", protected_tokens);
+  TORCH_CHECK_VALUE(src_idx.sizes() == dst_idx.sizes(), "tome: src_idx and dst_idx must have one shape, got ",
+                    src_idx.sizes(), " and ", dst_idx.sizes());
+  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
+                    num_tokens, "], got ", protected_tokens);
   const Layout layout{num_tokens, protected_tokens, src_idx.size(1)};
-  TORCH_CHECK(layout.r <= (num_tokens - protected_tokens) / 2 && unm_idx.size(1) == layout.num_unmerged(),
-              "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout.r, " A tokens) do not fit N=", num_tokens,
-              " tokens with protected=", protected_tokens);
+  TORCH_CHECK_VALUE(layout.r <= (num_tokens - protected_tokens) / 2 && unm_idx.size(1) == layout.num_unmerged(),
+                    "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout.r, " A tokens) do not fit N=", num_tokens,
+                    " tokens with protected=", protected_tokens);
   return layout;
 }
 
@@ -108,8 +110,8 @@ inline std::optional<at::Tensor> size_as(const std::optional<at::Tensor>& size, 
   if (!size.has_value()) return std::nullopt;
   check_float(*size, name, 2);
   check_device(*size, name, like);
-  TORCH_CHECK(size->size(0) == like.size(0) && size->size(1) == num_tokens, "tome: ", name, " must be [batch=",
-              like.size(0), ", N=", num_tokens, "], got shape ", size->sizes());
+  TORCH_CHECK_VALUE(size->size(0) == like.size(0) && size->size(1) == num_tokens, "tome: ", name, " must be [batch=",
+                    like.size(0), ", N=", num_tokens, "], got shape ", size->sizes());
   return size->to(dtype).contiguous();
 }
 
@@ -120,7 +122,8 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
 
 // 1-D grid of `blocks` blocks (every kernel flattens batch and tiles into blockIdx.x: no 65535 limit).
 inline unsigned grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "tome: ", blocks, " thread blocks exceed the grid limit");
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "tome: ", blocks,
+                    " thread blocks exceed the grid limit");
   return static_cast<unsigned>(blocks);
 }
 
@@ -132,8 +135,8 @@ void launch(Kernel kernel, int64_t blocks, int threads, size_t shared_bytes, Arg
     int device = 0, limit = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    TORCH_CHECK(shared_bytes <= static_cast<size_t>(limit), "tome: a kernel needs ", shared_bytes,
-                " bytes of shared memory, the device allows ", limit, " (reduce the head dim or use fp32)");
+    TORCH_CHECK_VALUE(shared_bytes <= static_cast<size_t>(limit), "tome: a kernel needs ", shared_bytes,
+                      " bytes of shared memory, the device allows ", limit, " (reduce the head dim or use fp32)");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));
   }

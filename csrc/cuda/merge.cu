@@ -53,8 +53,8 @@ __global__ void plan_kernel(const int64_t* unm_idx, const int64_t* src_idx, cons
 // The plan of the layout the ops apply (Layout::effective: r == 0 leaves every token in place).
 Plan make_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx, const Layout& checked,
                int64_t batch) {
-  TORCH_CHECK(checked.num_tokens <= std::numeric_limits<int32_t>::max(), "tome: N=", checked.num_tokens,
-              " tokens is too many");
+  TORCH_CHECK_VALUE(checked.num_tokens <= std::numeric_limits<int32_t>::max(), "tome: N=", checked.num_tokens,
+                    " tokens is too many");
   const Layout layout = checked.effective();
   const auto int_options = unm_idx.options().dtype(at::kInt);
   Plan plan{layout, batch, unm_idx.contiguous(), at::full({batch, layout.num_tokens}, -1, int_options),
@@ -234,8 +234,8 @@ void spread(const at::Tensor& in, const at::Tensor& out, const std::optional<at:
 at::Tensor tokens(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t rows) {
   check_float(t, name, 3);
   check_device(t, name, like);
-  TORCH_CHECK(t.size(0) == like.size(0) && t.size(1) == rows, "tome: ", name, " must be [batch=", like.size(0),
-              ", ", rows, ", C], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(0) == like.size(0) && t.size(1) == rows, "tome: ", name, " must be [batch=", like.size(0),
+                    ", ", rows, ", C], got shape ", t.sizes());
   return t.contiguous();
 }
 
