@@ -91,6 +91,7 @@ void reduce_groups(const Groups& g, const scalar_t* in, scalar_t* out, int64_t c
   const bool stream = streams(g.batch() * g.num_out(), channels, sizeof(scalar_t));
   parallel_chunks(g.batch() * num_tokens, row_grain(channels), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> total(rep_only ? 0 : channels);
+    std::vector<scalar_t> group_row(rep_only ? 0 : channels);
     for (int64_t t = begin; t < end; ++t) {
       const auto role = g.role(t);
       if (role == Groups::kAlone || (rep_only && role == Groups::kRepresentative)) {
@@ -108,13 +109,15 @@ void reduce_groups(const Groups& g, const scalar_t* in, scalar_t* out, int64_t c
         }
       }
       const int64_t o = g.merged_output(k);
-      scalar_t* dst = out + o * channels;
       if (size_out == nullptr) {
-        for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(total[c]);
+        for (int64_t c = 0; c < channels; ++c) group_row[c] = static_cast<scalar_t>(total[c]);
       } else {
         const acc_t s = size_out[o];
-        for (int64_t c = 0; c < channels; ++c) dst[c] = static_cast<scalar_t>(total[c] / s);
+        for (int64_t c = 0; c < channels; ++c) group_row[c] = static_cast<scalar_t>(total[c] / s);
       }
+      // Through a row in L1, so that the output row is streamed too: a plain store into it would first read
+      // it from memory (read-for-ownership).
+      copy_row(group_row.data(), out + o * channels, channels, stream);
     }
     stream_fence(stream);
   });
