@@ -18,8 +18,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 NAMESPACE = "tome_emu"
-NATIVE_OPS = ("_native_match", "_native_merge", "_native_merge_backward", "_native_unmerge",
-              "_native_unmerge_backward", "_native_attention", "_native_attention_backward")
+NATIVE_OPS = ("_native_match", "_native_merge", "_native_bipartite_merge", "_native_merge_backward",
+              "_native_unmerge", "_native_unmerge_backward", "_native_attention", "_native_attention_backward")
 
 # (file pattern, exact text, replacement): each text must occur in every file the pattern names, so a
 # change to the CUDA sources that breaks the emulation fails loudly here.
@@ -32,6 +32,11 @@ _EDITS = [
     ("attention.cu", "extern __shared__ __align__(16) unsigned char shared_memory[];",
      "unsigned char* shared_memory = emu::shared_memory();"),
     ("*.cu", "TORCH_LIBRARY_IMPL(tome, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)"),
+    # The device-generic _native_bipartite_merge (match then merge through the dispatcher), on the emulated ops.
+    ("bipartite_merge.cpp", '"tome::_native_match"', f'"{NAMESPACE}::_native_match"'),
+    ("bipartite_merge.cpp", '"tome::_native_merge"', f'"{NAMESPACE}::_native_merge"'),
+    ("bipartite_merge.cpp", "TORCH_LIBRARY_IMPL(tome, CompositeExplicitAutograd, m)",
+     f"TORCH_LIBRARY_IMPL({NAMESPACE}, CompositeExplicitAutograd, m)"),
 ]
 # Fresh outputs are poisoned (NaN) so unwritten elements fail the comparisons.
 _EMPTY = re.compile(r"\bat::empty(_like)?\(")
@@ -61,12 +66,12 @@ def build(build_dir: str | os.PathLike | None = None) -> None:
     src = pathlib.Path(build_dir) / "src"
     src.mkdir(parents=True, exist_ok=True)
     sources = []
-    for path in sorted((ROOT / "csrc" / "cuda").iterdir()):
+    for path in sorted((ROOT / "csrc" / "cuda").iterdir()) + [ROOT / "csrc" / "bipartite_merge.cpp"]:
         target = src / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
         text = _rewrite(path.name, path.read_text())
         if not target.exists() or target.read_text() != text:  # keep mtimes, so ninja rebuilds only changes
             target.write_text(text)
-        if path.suffix == ".cu":
+        if path.suffix in (".cu", ".cpp"):
             sources.append(str(target))
     schemas = [str(getattr(torch.ops.tome, op).default._schema).replace("tome::", "") for op in NATIVE_OPS]
     registry = src / "schemas.cpp"
