@@ -399,7 +399,7 @@ def _bad_native_calls():
                                                                     dst - 1, 1, False)),
         ("dst_idx must hold odd", lambda: ops._native_unmerge_backward(x, unm, src, dst + 100, 1)),
         ("do not fit N=", lambda: ops._native_unmerge_backward(x, unm[:, :0], src, dst, 1)),
-        ("index tensors must be int64", lambda: ops._native_unmerge(x[:, :7], unm.int(), src, dst, 1)),
+        ("unm_idx must be an int64", lambda: ops._native_unmerge(x[:, :7], unm.int(), src, dst, 1)),
         ("src_idx and dst_idx must have one shape", lambda: ops._native_unmerge(x[:, :7], unm, src, dst[:, :2], 1)),
         ("protected must be in", lambda: ops._native_match(x, 3, 11)),
         ("r must be >= 0", lambda: ops._native_match(x, -1, 0)),

@@ -14,19 +14,13 @@
 #include <limits>
 #include <vector>
 
+#include <tome/checks.h>
 #include <tome/layout.h>
 
 namespace tome::cpu {
 
 // fp32 accumulation for half types and fp32, fp64 for fp64 (reference._accumulate_dtype).
 inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline void check_float(const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK_VALUE(t.dim() == dim, "tome: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
-              "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-}
 
 inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef expected) {
   TORCH_CHECK_VALUE(t.sizes() == expected, "tome: ", name, " must have shape ", expected, ", got ", t.sizes());
@@ -110,20 +104,7 @@ class Groups {
 
   Groups(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx, int64_t batch,
          int64_t num_tokens, int64_t protected_tokens)
-      : layout_{num_tokens, protected_tokens, src_idx.dim() == 2 ? src_idx.size(1) : 0}, batch_(batch) {
-    for (const auto* t : {&unm_idx, &src_idx, &dst_idx}) {
-      TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == batch,
-                  "tome: index tensors must be int64 [batch=", batch, ", k], got ", t->scalar_type(), " ",
-                  t->sizes());
-    }
-    TORCH_CHECK_VALUE(src_idx.sizes() == dst_idx.sizes(), "tome: src_idx and dst_idx must have one shape, got ",
-                src_idx.sizes(), " and ", dst_idx.sizes());
-    TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
-                num_tokens, "], got ", protected_tokens);
-    TORCH_CHECK_VALUE(layout_.r <= (num_tokens - protected_tokens) / 2 &&
-                    unm_idx.size(1) == layout_.num_unmerged(),
-                "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout_.r, " A tokens) do not fit N=",
-                num_tokens, " tokens with protected=", protected_tokens);
+      : layout_(check_index_shapes(unm_idx, src_idx, dst_idx, batch, num_tokens, protected_tokens)), batch_(batch) {
     const at::Tensor unm_t = unm_idx.contiguous(), src_t = src_idx.contiguous(), dst_t = dst_idx.contiguous();
     const int64_t nu = layout_.num_unmerged(), r = layout_.r, nb = layout_.num_b();
     const int64_t *unm = unm_t.const_data_ptr<int64_t>(), *src = src_t.const_data_ptr<int64_t>(),

@@ -13,6 +13,7 @@
 #include <limits>
 #include <optional>
 
+#include <tome/checks.h>
 #include <tome/layout.h>
 
 namespace tome::cuda {
@@ -65,10 +66,7 @@ __device__ __forceinline__ T warp_max(T value) {
 // ---------------------------------------------------------------------------------------------------
 inline void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK_VALUE(t.is_cuda(), "tome: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == dim, "tome: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-                   "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+  tome::check_float(name, t, dim);
 }
 
 inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& like) {
@@ -86,22 +84,10 @@ inline int64_t num_merges(const at::Tensor& src_idx) {
 // Values are checked on the device by make_plan (merge.cu) and, on request, by the Python layer.
 inline Layout check_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx,
                             const at::Tensor& like, int64_t num_tokens, int64_t protected_tokens) {
-  const int64_t batch = like.size(0);
   for (const auto& [t, name] : {std::pair{&unm_idx, "unm_idx"}, {&src_idx, "src_idx"}, {&dst_idx, "dst_idx"}}) {
     check_device(*t, name, like);
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == batch, "tome: ", name,
-                      " must be an int64 [batch=", batch, ", k] tensor, got ", t->scalar_type(), " shape ",
-                      t->sizes());
   }
-  TORCH_CHECK_VALUE(src_idx.sizes() == dst_idx.sizes(), "tome: src_idx and dst_idx must have one shape, got ",
-                    src_idx.sizes(), " and ", dst_idx.sizes());
-  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
-                    num_tokens, "], got ", protected_tokens);
-  const Layout layout{num_tokens, protected_tokens, src_idx.size(1)};
-  TORCH_CHECK_VALUE(layout.r <= (num_tokens - protected_tokens) / 2 && unm_idx.size(1) == layout.num_unmerged(),
-                    "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout.r, " A tokens) do not fit N=", num_tokens,
-                    " tokens with protected=", protected_tokens);
-  return layout;
+  return check_index_shapes(unm_idx, src_idx, dst_idx, like.size(0), num_tokens, protected_tokens);
 }
 
 // size [batch, num_tokens] (or none) as a contiguous tensor of `dtype`.

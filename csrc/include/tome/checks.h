@@ -1,0 +1,42 @@
+// Host-side argument checks shared by the C++ CPU and CUDA kernels: one clear ValueError / TypeError naming
+// the argument (TORCH_CHECK_VALUE / _TYPE), before any kernel runs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <utility>
+
+#include <tome/layout.h>
+
+namespace tome {
+
+// A float16 / bfloat16 / float32 / float64 tensor of `dim` dimensions.
+inline void check_float(const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "tome: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+}
+
+// The shapes of an index triple for `num_tokens` input tokens in `batch` rows, and its layout (r =
+// src_idx.size(1)). Each backend checks the values itself (cpu: Groups; cuda: on the device).
+inline Layout check_index_shapes(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                                 int64_t batch, int64_t num_tokens, int64_t protected_tokens) {
+  for (const auto& [t, name] : {std::pair{&unm_idx, "unm_idx"}, {&src_idx, "src_idx"}, {&dst_idx, "dst_idx"}}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong && t->dim() == 2 && t->size(0) == batch, "tome: ", name,
+                      " must be an int64 [batch=", batch, ", k] tensor, got ", t->scalar_type(), " shape ",
+                      t->sizes());
+  }
+  TORCH_CHECK_VALUE(src_idx.sizes() == dst_idx.sizes(), "tome: src_idx and dst_idx must have one shape, got ",
+                    src_idx.sizes(), " and ", dst_idx.sizes());
+  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
+                    num_tokens, "], got ", protected_tokens);
+  const Layout layout{num_tokens, protected_tokens, src_idx.size(1)};
+  TORCH_CHECK_VALUE(layout.r <= (num_tokens - protected_tokens) / 2 && unm_idx.size(1) == layout.num_unmerged(),
+                    "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout.r, " A tokens) do not fit N=",
+                    num_tokens, " tokens with protected=", protected_tokens);
+  return layout;
+}
+
+}  // namespace tome
