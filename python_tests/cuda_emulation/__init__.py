@@ -90,9 +90,12 @@ def routed():
     backend sends CUDA tensors to the real ones (the same tome_kernels._native functions)."""
     from tome_kernels import _native, _ops
 
-    saved = _native._native, _ops.resolve
+    saved = _native._native, _ops.resolve, _native.CHECKS_CPU_VALUES
+    # The CUDA kernels leave index and size values to the Python layer (and device asserts), which checks
+    # them for CPU tensors unless the backend says it does so itself, as the cpu kernels do.
     _native._native, _ops.resolve = getattr(torch.ops, NAMESPACE), (lambda device: _native)
+    _native.CHECKS_CPU_VALUES = False
     try:
         yield
     finally:
-        _native._native, _ops.resolve = saved
+        _native._native, _ops.resolve, _native.CHECKS_CPU_VALUES = saved
