@@ -207,11 +207,8 @@ void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
   check_float("metric", metric_in, 3);
-  const int64_t batch = metric_in.size(0), num_tokens = metric_in.size(1);
-  TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
-  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
-              num_tokens, "], got ", protected_tokens);
-  const Layout layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
+  const int64_t batch = metric_in.size(0);
+  const Layout layout = match_layout(metric_in.size(1), r, protected_tokens);
   const at::Tensor metric = metric_in.contiguous();
   const auto index_options = metric.options().dtype(at::kLong);
   at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);

@@ -183,14 +183,11 @@ __global__ void unmerged_order_kernel(const int32_t* rank, Layout layout, int64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r,
                                                      int64_t protected_tokens) {
   check_float(metric_in, "metric", 3);
-  TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
   const int64_t batch = metric_in.size(0), num_tokens = metric_in.size(1), channels = metric_in.size(2);
-  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
-                    num_tokens, "], got ", protected_tokens);
+  const Layout layout = match_layout(num_tokens, r, protected_tokens);
   TORCH_CHECK_VALUE(num_tokens <= std::numeric_limits<int32_t>::max(), "tome: N=", num_tokens, " tokens is too many");
   const c10::cuda::CUDAGuard guard(metric_in.device());
   const at::Tensor metric = metric_in.contiguous();
-  const Layout layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
   const int64_t num_a = layout.num_a();
 
   const auto long_options = metric.options().dtype(at::kLong);

@@ -19,6 +19,19 @@ inline void check_float(const char* name, const at::Tensor& t, int64_t dim) {
                    "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
 }
 
+// `protected` leading tokens of N, in [0, N].
+inline void check_protected(int64_t protected_tokens, int64_t num_tokens) {
+  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
+                    num_tokens, "], got ", protected_tokens);
+}
+
+// The layout of a match of `num_tokens` tokens: r >= 0 (clamped to the merges that fit), protected checked.
+inline Layout match_layout(int64_t num_tokens, int64_t r, int64_t protected_tokens) {
+  TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
+  check_protected(protected_tokens, num_tokens);
+  return Layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
+}
+
 // The shapes of an index triple for `num_tokens` input tokens in `batch` rows, and its layout (r =
 // src_idx.size(1)). Each backend checks the values itself (cpu: Groups; cuda: on the device).
 inline Layout check_index_shapes(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx,
@@ -30,8 +43,7 @@ inline Layout check_index_shapes(const at::Tensor& unm_idx, const at::Tensor& sr
   }
   TORCH_CHECK_VALUE(src_idx.sizes() == dst_idx.sizes(), "tome: src_idx and dst_idx must have one shape, got ",
                     src_idx.sizes(), " and ", dst_idx.sizes());
-  TORCH_CHECK_VALUE(protected_tokens >= 0 && protected_tokens <= num_tokens, "tome: protected must be in [0, N=",
-                    num_tokens, "], got ", protected_tokens);
+  check_protected(protected_tokens, num_tokens);
   const Layout layout{num_tokens, protected_tokens, src_idx.size(1)};
   TORCH_CHECK_VALUE(layout.r <= (num_tokens - protected_tokens) / 2 && unm_idx.size(1) == layout.num_unmerged(),
                     "tome: unm_idx/src_idx (", unm_idx.size(1), " + ", layout.r, " A tokens) do not fit N=",
