@@ -174,13 +174,14 @@ def _(metric, r, protected=0):
 # ----------------------------------------------------------------------------------------------------
 # _merge: x (size-weighted), pos (keep | mean), size (sum) in one kernel call
 # ----------------------------------------------------------------------------------------------------
-def _check_x_pos(x, pos, pos_mode):
-    """Checks of the tokens to merge and their positions; returns (batch, N)."""
-    _check_float("x", x, 3)
+def _check_x_pos(x, pos, pos_mode, names=("x", "pos")):
+    """Checks of the tokens to merge and their positions (or of their gradients, by ``names``); returns
+    (batch, N)."""
+    _check_float(names[0], x, 3)
     batch, num_tokens, _ = x.shape
     if pos is not None:
-        _check_float("pos", pos, 3)
-        _check_tokens("pos", pos, batch, num_tokens)
+        _check_float(names[1], pos, 3)
+        _check_tokens(names[1], pos, batch, num_tokens)
     if pos_mode not in _POS_MODES:
         raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
     return batch, num_tokens
@@ -275,13 +276,7 @@ _merge.register_autograd(_merge_backward_autograd, setup_context=_merge_setup_co
 
 def _check_merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, pos_mode):
     """Validate a direct call as _merge's; returns (size, size_out) as [B, N] and [B, N - r]."""
-    _check_float("grad_x", grad_x, 3)
-    batch, num_out, _ = grad_x.shape
-    if grad_pos is not None:
-        _check_float("grad_pos", grad_pos, 3)
-        _check_tokens("grad_pos", grad_pos, batch, num_out)
-    if pos_mode not in _POS_MODES:
-        raise ValueError(f"tome: pos_mode must be one of {_POS_MODES}, got {pos_mode!r}")
+    batch, num_out = _check_x_pos(grad_x, grad_pos, pos_mode, names=("grad_x", "grad_pos"))
     _check_same_device(grad_x=grad_x, grad_pos=grad_pos, size=size, size_out=size_out, unm_idx=unm_idx,
                        src_idx=src_idx, dst_idx=dst_idx)
     num_tokens = num_out + _num_merges(src_idx)
