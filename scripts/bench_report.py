@@ -123,39 +123,34 @@ def headline(results, backend):
     """The bars of issue #7, for the fp32 forward of ``backend``."""
     rows, notes = [], []
 
-    def row(case, baseline_name, baseline, ours, ratio, bar, met):
+    def row(case, baseline_name, baseline, ours, bar, bound, speedup):
+        """A bar on baseline / ours >= bound (``speedup``) or on ours / baseline <= bound."""
+        ratio = None if baseline is None else baseline / ours if speedup else ours / baseline
+        met = None if ratio is None else ratio >= bound if speedup else ratio <= bound
         rows.append(f"| {case} | {fmt_time(ours)} | {baseline_name}: {fmt_time(baseline)} | {fmt_ratio(ratio)} "
                     f"| {bar} | {'—' if met is None else '**yes**' if met else 'no'} |")
 
-    for shape in MERGE_HEADLINE:
-        group = results.get(("bipartite_merge", "fwd", shape, "fp32"), {})
-        ours = min_time(group, backend)
-        if ours is None:
-            continue
-        case = f"`bipartite_merge`, {group[backend][1]['label']}"
-        for name, baseline, bar, need in (("eager chain", min_time(group, "chain"), "≥ 4× faster", 4),
-                                          ("compiled chain", min_time(group, "chain_compiled"), "≥ 2× faster", 2)):
-            ratio = None if baseline is None else baseline / ours
-            row(case, name, baseline, ours, ratio, bar, None if ratio is None else ratio >= need)
-        floor = floor_time(group)
-        ratio = None if floor is None else ours / floor
-        row(case, "floor", floor, ours, ratio, "≤ 2× the floor", None if ratio is None else ratio <= 2)
-        chain = min_time(group, "chain")
+    def timed(op, shapes):
+        """(group, our time, shape info) of each headline shape ``backend`` ran."""
+        for shape in shapes:
+            group = results.get((op, "fwd", shape, "fp32"), {})
+            ours = min_time(group, backend)
+            if ours is not None:
+                yield group, ours, group[backend][1]
+
+    for group, ours, info in timed("bipartite_merge", MERGE_HEADLINE):
+        case = f"`bipartite_merge`, {info['label']}"
+        chain, floor = min_time(group, "chain"), floor_time(group)
+        row(case, "eager chain", chain, ours, "≥ 4× faster", 4, speedup=True)
+        row(case, "compiled chain", min_time(group, "chain_compiled"), ours, "≥ 2× faster", 2, speedup=True)
+        row(case, "floor", floor, ours, "≤ 2× the floor", 2, speedup=False)
         if floor is not None and chain is not None:
-            notes.append(f"At {group[backend][1]['label']} the eager chain takes {chain / floor:.2f}× the floor: "
+            notes.append(f"At {info['label']} the eager chain takes {chain / floor:.2f}× the floor: "
                          f"no implementation can be faster than it by more than that.")
-    for shape in ATTENTION_HEADLINE:
-        group = results.get(("prop_attention", "fwd", shape, "fp32"), {})
-        ours = min_time(group, backend)
-        if ours is None:
-            continue
-        case = f"`prop_attention`, {group[backend][1]['label']} (N={group[backend][1]['tokens']})"
-        explicit, sdpa = min_time(group, "torch"), min_time(group, "sdpa_unbiased")
-        ratio = None if explicit is None else explicit / ours
-        row(case, "explicit softmax", explicit, ours, ratio, "≥ 1.5× faster",
-            None if ratio is None else ratio >= 1.5)
-        ratio = None if sdpa is None else ours / sdpa
-        row(case, "unbiased SDPA", sdpa, ours, ratio, "≤ 1.2× its time", None if ratio is None else ratio <= 1.2)
+    for group, ours, info in timed("prop_attention", ATTENTION_HEADLINE):
+        case = f"`prop_attention`, {info['label']} (N={info['tokens']})"
+        row(case, "explicit softmax", min_time(group, "torch"), ours, "≥ 1.5× faster", 1.5, speedup=True)
+        row(case, "unbiased SDPA", min_time(group, "sdpa_unbiased"), ours, "≤ 1.2× its time", 1.2, speedup=False)
     if not rows:
         return ""
     return "\n".join([f"### Headline: the bars of issue #7 (`{backend}` backend, fp32, forward)", "",
