@@ -1,25 +1,35 @@
-"""Builds tome_kernels._C: csrc/cpu (always) and csrc/cuda (when torch has CUDA and nvcc is found).
+"""Compiles the extension tome_kernels._C; the package metadata and extras live in pyproject.toml.
+
+_C holds the C++ CPU kernels of csrc/cpu (always) and the CUDA kernels of csrc/cuda (when torch has CUDA
+and nvcc is found). Install torch first, then build against it without build isolation:
 
     pip install torch==2.14.1 setuptools ninja && pip install --no-build-isolation -e .
+
+(or `python setup.py build_ext --inplace` for an in-place build without installing).
 
 Environment:
     TOME_BUILD_CUDA=0|1  skip / require the CUDA sources (default: build them when possible)
     TOME_SANITIZE=1      ASan + UBSan build of the C++ sources (see docs/RELIABILITY.md)
     TOME_CUDA_WERROR=1   nvcc warnings are errors (.ci/build_cuda.sh; see docs/CUDA.md)
-    TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100) when no GPU is visible
+    TORCH_CUDA_ARCH_LIST when unset: the visible GPUs' archs if torch sees a GPU, else "8.0;9.0+PTX"
+                         (sm_80 and sm_90 SASS plus compute_90 PTX, which newer GPUs compile at load time)
 """
 
 import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"  # nvcc on PATH may be a symlink outside the toolkit
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
+
+if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+    # Without a visible GPU cpp_extension has no arch to pick. The PTX lets GPUs newer than sm_90 run.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -51,27 +61,13 @@ def _extension():
         if os.environ.get("TOME_CUDA_WERROR") == "1":  # .ci/build_cuda.sh: the CUDA sources build warning-free
             nvcc += ["-Werror", "all-warnings"]
         return CUDAExtension("tome_kernels._C", sources + cuda_sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx + ["-DTOME_WITH_CUDA"], "nvcc": nvcc},
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                              extra_link_args=link)
     return CppExtension("tome_kernels._C", sources, include_dirs=include_dirs,
                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(
-    name="tome_kernels",
-    version="0.1.0",
-    description="Token Merging (ToMe) as fused Triton, C++ and CUDA torch.ops",
-    packages=find_packages(include=["tome_kernels", "tome_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.8"],
-        "timm": ["timm>=1.0", "torchvision"],
-        "detr": ["transformers>=5.0", "timm>=1.0"],
-        "vis": ["scikit-image", "matplotlib", "tqdm"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11"],
-    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
 )

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs the pinned environment and builds tome_kernels._C in place: the C++ CPU kernels, plus the CUDA
-# kernels for sm_80/sm_90 when torch has CUDA and nvcc is found (TOME_BUILD_CUDA=0 skips them). Idempotent:
-# a second run only re-checks. To install as a package instead: pip install --no-build-isolation -e .
+# Installs the pinned environment, then tome_kernels itself as an editable package (pip install
+# --no-build-isolation -e .: `import tome_kernels` works from any directory, and edits to the Python
+# sources take effect without reinstalling). The build compiles tome_kernels._C: the C++ CPU kernels,
+# plus the CUDA kernels when torch has CUDA and nvcc is found (TOME_BUILD_CUDA=0 skips them; archs: setup.py).
+# Idempotent: a second run re-checks the requirements and rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -r requirements.txt
-python setup.py -q build_ext --inplace
+python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
