@@ -1,15 +1,32 @@
 // Proportional attention on CPU: softmax(q k^T * scale + log size) v and its backward (spec:
-// reference.attention). ATen's fused CPU flash-attention kernels take the bias as a float mask broadcast from
+// reference.attention).
+//
+// Forward: ATen's fused CPU flash-attention kernel, with the bias as a float mask broadcast from
 // [B, 1, 1, Nk], so neither the logits nor the probabilities are ever materialised. The mask is kept in the
-// accumulation dtype (fp32 for half types: log(size) in bf16 would be off by up to 2^-8 relative), which
-// those kernels accept; they also return the row log-sum-exp (fp32 for half types, fp64 for fp64).
+// accumulation dtype (fp32 for half types: log(size) in bf16 would be off by up to 2^-8 relative), which the
+// kernel accepts; it also returns the row log-sum-exp (fp32 for half types, fp64 for fp64). Each of its
+// output rows is computed by one thread in one order: the bits do not depend on the thread count (tested).
+//
+// Backward: our own kernel (attention_blocks.inc), because ATen's gives other bits for other thread counts
+// on some CPUs (its BLAS calls). One thread computes one (batch, head) from its q, k, v, grad_out and the
+// forward's lse, query block after query block: probabilities and their gradients for a block of queries
+// against every key, then grad_q of the block, and grad_k, grad_v accumulated over the blocks in order. The
+// products are register-tiled loops whose every element is one chain of multiply-adds in a fixed order, so
+// the bits depend on the instruction set (FMA or not: isa.h) but not on the thread count or the blocking.
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
-#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cstring>
 #include <limits>
+#include <utility>
+#include <vector>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
+#include "isa.h"
 
 namespace tome::cpu {
 namespace {
@@ -74,27 +91,152 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   return {out.contiguous(), lse.contiguous()};
 }
 
+// Query blocks hold about kBlockScores scores of each of the two [queries, keys] buffers (256 KB in fp32),
+// within these bounds: fewer queries per block would re-read grad_k and grad_v more often.
+constexpr int64_t kBlockScores = 65536, kMinQueryBlock = 32, kMaxQueryBlock = 128;
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// One [B, H, N, D] input of any strides, read as acc_t.
+template <class scalar_t, class acc_t>
+struct HeadView {
+  const scalar_t* data;
+  int64_t stride[4];
+
+  HeadView(const at::Tensor& t) : data(t.const_data_ptr<scalar_t>()) {
+    for (int d = 0; d < 4; ++d) stride[d] = t.stride(d);
+  }
+  acc_t at(int64_t b, int64_t h, int64_t n, int64_t c) const {
+    return static_cast<acc_t>(data[b * stride[0] + h * stride[1] + n * stride[2] + c * stride[3]]);
+  }
+  // dst[n * ld + c] for n < rows, c < dim, zeros for dim <= c < ld.
+  void rows(int64_t b, int64_t h, int64_t count, int64_t dim, acc_t* dst, int64_t ld) const {
+    for (int64_t n = 0; n < count; ++n) {
+      for (int64_t c = 0; c < dim; ++c) dst[n * ld + c] = at(b, h, n, c);
+      std::fill(dst + n * ld + dim, dst + (n + 1) * ld, acc_t(0));
+    }
+  }
+  // The transpose: dst[c * ld + n] for c < dim, n < count, zeros for count <= n < ld.
+  void columns(int64_t b, int64_t h, int64_t count, int64_t dim, acc_t* dst, int64_t ld) const {
+    for (int64_t c = 0; c < dim; ++c) {
+      for (int64_t n = 0; n < count; ++n) dst[c * ld + n] = at(b, h, n, c);
+      std::fill(dst + c * ld + count, dst + (c + 1) * ld, acc_t(0));
+    }
+  }
+};
+
+// The backward's inputs and its contiguous [B, H, N, D] outputs.
+template <class scalar_t, class acc_t>
+struct AttentionGrad {
+  HeadView<scalar_t, acc_t> grad_out, q, k, v, out;
+  const acc_t* lse;   // [B, H, Nq], contiguous
+  const acc_t* mask;  // [B, Nk] log(size), contiguous, or null
+  scalar_t *grad_q, *grad_k, *grad_v;
+  int64_t heads, nq, nk, dim;
+  acc_t scale;
+
+  void write_grad_q(int64_t b, int64_t h, int64_t first, int64_t rows, const acc_t* dq, int64_t ld) const {
+    scalar_t* dst = grad_q + ((b * heads + h) * nq + first) * dim;
+    for (int64_t n = 0; n < rows; ++n) {
+      for (int64_t c = 0; c < dim; ++c) dst[n * dim + c] = static_cast<scalar_t>(dq[n * ld + c] * scale);
+    }
+  }
+  void write_grad_kv(int64_t b, int64_t h, const acc_t* dk, const acc_t* dv, int64_t ld) const {
+    const int64_t offset = (b * heads + h) * nk * dim;
+    for (int64_t n = 0; n < nk; ++n) {
+      for (int64_t c = 0; c < dim; ++c) {
+        grad_k[offset + n * dim + c] = static_cast<scalar_t>(dk[n * ld + c] * scale);
+        grad_v[offset + n * dim + c] = static_cast<scalar_t>(dv[n * ld + c]);
+      }
+    }
+  }
+};
+
+// The kernel once per instruction set (isa.h).
+namespace base {
+#define TOME_VECTOR_BYTES 16
+#define TOME_TILE_VECTORS 2
+#define TOME_TILE_ACCUMULATORS 12
+#include "attention_blocks.inc"
+#undef TOME_TILE_ACCUMULATORS
+#undef TOME_TILE_VECTORS
+#undef TOME_VECTOR_BYTES
+}  // namespace base
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define TOME_VECTOR_BYTES 32
+#define TOME_TILE_VECTORS 2
+#define TOME_TILE_ACCUMULATORS 12
+#include "attention_blocks.inc"
+#undef TOME_TILE_ACCUMULATORS
+#undef TOME_TILE_VECTORS
+#undef TOME_VECTOR_BYTES
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+namespace avx512 {
+#define TOME_VECTOR_BYTES 64
+#define TOME_TILE_VECTORS 4
+#define TOME_TILE_ACCUMULATORS 24
+#include "attention_blocks.inc"
+#undef TOME_TILE_ACCUMULATORS
+#undef TOME_TILE_VECTORS
+#undef TOME_VECTOR_BYTES
+}  // namespace avx512
+#pragma GCC pop_options
+#else
+namespace avx2 = base;
+namespace avx512 = base;
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
                                                                   const std::optional<at::Tensor>& size,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   double scale) {
   check_qkv(q, k, v);
+  check_float("grad_out", grad_out, 4);
+  check_float("out", out, 4);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+                   "tome: grad_out and out must have q's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(),
+                   " and ", out.scalar_type());
   check_shape("grad_out", grad_out, q.sizes());
   check_shape("out", out, q.sizes());
   check_shape("lse", lse, {q.size(0), q.size(1), q.size(2)});
   TORCH_CHECK_TYPE(lse.scalar_type() == acc_dtype(q.scalar_type()), "tome: lse must be ",
               acc_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
-  if (empty_attention(q, k)) {
-    const auto zeros = [](const at::Tensor& t) { return at::zeros_like(t, at::MemoryFormat::Contiguous); };
-    return {zeros(q), zeros(k), zeros(v)};
-  }
-  auto [grad_q, grad_k, grad_v] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      unit_last_stride(grad_out), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), unit_last_stride(out),
-      // All-masked rows (lse -inf): any finite lse makes their probabilities exp(-inf) = 0, not NaN.
-      lse.masked_fill(lse.isneginf(), 0).contiguous(), /*dropout_p=*/0.0, /*is_causal=*/false, log_size_mask(size, k),
-      scale);
-  return {grad_q.contiguous(), grad_k.contiguous(), grad_v.contiguous()};
+  const auto mask = log_size_mask(size, k);
+  const Isa isa = cpu_isa();
+  at::Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous), grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous),
+             grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  if (empty_attention(q, k)) return {grad_q, grad_k, grad_v};
+  const at::Tensor lse_c = lse.contiguous();
+  const std::optional<at::Tensor> mask_c = mask.has_value() ? std::optional(mask->reshape({k.size(0), k.size(2)}).contiguous()) : std::nullopt;
+  dispatch_data_acc(q.scalar_type(), acc_dtype(q.scalar_type()), [&](auto scalar, auto acc) {
+    using scalar_t = decltype(scalar);
+    using acc_t = decltype(acc);
+    const AttentionGrad<scalar_t, acc_t> g{grad_out, q, k, v, out, lse_c.const_data_ptr<acc_t>(),
+                                           mask_c.has_value() ? mask_c->const_data_ptr<acc_t>() : nullptr,
+                                           grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+                                           grad_v.mutable_data_ptr<scalar_t>(), q.size(1), q.size(2), k.size(2),
+                                           q.size(3), static_cast<acc_t>(scale)};
+    // One head per work item, each computed whole by one thread: the bits do not depend on the thread count.
+    parallel_chunks(q.size(0) * q.size(1), 1, [&](int64_t begin, int64_t end) {
+      if (isa == Isa::kAvx512) {
+        avx512::backward_heads(g, begin, end);
+      } else if (isa == Isa::kAvx2) {
+        avx2::backward_heads(g, begin, end);
+      } else {
+        base::backward_heads(g, begin, end);
+      }
+    });
+  });
+  return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
