@@ -6,7 +6,10 @@
 * The floor of one ToMe step: the larger of one copy of x and one BLAS product of the normalised A and B
   sets (both timed; the report takes the larger).
 * Attention: the explicit-softmax formulation is the ``torch`` backend itself; ``sdpa_unbiased`` is
-  PyTorch's SDPA without the size bias, the cost of attention without proportional attention.
+  PyTorch's SDPA without the size bias, the cost of attention without proportional attention;
+  ``sdpa_biased`` is SDPA with the log-size bias as a float mask, the same math as ``prop_attention``: on
+  CPU ATen's flash kernel, whose forward the ``cpu`` backend calls and whose backward it replaces with a
+  thread-count-independent one (docs/CPU.md), so its ``bwd`` row is that backward's baseline.
 """
 
 from __future__ import annotations
@@ -63,3 +66,8 @@ def floor_scores(a, b):
 
 def sdpa_unbiased(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_biased(q, k, v, size):
+    """``size`` [B, N, 1] as the mask log(size) broadcast over heads and queries, in q's dtype."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=size.log().to(q.dtype).view(size.shape[0], 1, 1, -1))

@@ -182,7 +182,7 @@ def test_unmerge(benchmark, threads, direction, provider, shape, dtype):
         bytes_moved=token_bytes(x, s.tokens - s.r, s.tokens))
 
 
-@cases(fwd=BACKENDS + ("sdpa_unbiased",), bwd=BACKENDS + ("sdpa_unbiased",))
+@cases(fwd=BACKENDS + ("sdpa_unbiased", "sdpa_biased"), bwd=BACKENDS + ("sdpa_unbiased", "sdpa_biased"))
 def test_prop_attention(benchmark, threads, direction, provider, shape, dtype):
     """``softmax(q kᵀ / √d + log size) v``; the ``torch`` backend is the explicit-softmax formulation."""
     if DEVICE == "cpu" and shape == "diffusion" and provider == "torch":
@@ -191,6 +191,9 @@ def test_prop_attention(benchmark, threads, direction, provider, shape, dtype):
     q, k, v, size = attention_inputs(shape, dtype)
     if provider == "sdpa_unbiased":
         forward = baselines.sdpa_unbiased
+    elif provider == "sdpa_biased":
+        def forward(q, k, v):
+            return baselines.sdpa_biased(q, k, v, size)
     else:
         def forward(q, k, v):
             return torch.ops.tome.prop_attention(q, k, v, size)

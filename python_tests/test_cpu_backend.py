@@ -309,6 +309,52 @@ def test_deterministic_across_calls_and_thread_counts(batch, num_tokens, channel
         assert all(torch.equal(first, other) for other in others)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 2, 577, 577, 32), (8, 2, 197, 197, 24), (1, 3, 13, 1100, 40)], ids=str)
+def test_attention_backward_same_bits_for_any_thread_count(shape, dtype):
+    """The backward is our own kernel with a fixed reduction order: identical bits for 1, 2 and 3 threads
+    (masked keys included), at whatever instruction-set level the process runs (test_isa_levels.py)."""
+    batch, heads, nq, nk, dim = shape
+    q, k, v, grad = (tokens(batch * heads, n, dim, dtype, seed).view(batch, heads, n, dim)
+                     for n, seed in ((nq, 1), (nk, 2), (nk, 3), (nq, 4)))
+    size = sizes(batch, nk, dtype).squeeze(-1)
+    size[:, ::7] = 0
+    with use_backend("cpu"):
+        out, lse = ops._prop_attention(q, k, v, size, dim ** -0.5)
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops._prop_attention_backward(grad, q, k, v, size, out, lse, dim ** -0.5))
+    for first, *others in zip(*results):
+        assert all(torch.equal(first.view(torch.uint8), o.view(torch.uint8)) for o in others)
+
+
+def test_fully_masked_batch_rows_stay_on_the_flash_path():
+    """A batch row whose keys all have size 0 (a padded image) gets out 0, lse -inf and zero gradients
+    without recomputing the call with materialised [B, H, N, N] logits: it allocates no more than a call
+    with sizes 1 (the fallback would allocate the 4 x 1500^2 fp32 logits, 36 MB, many times over)."""
+    q, k, v = (tokens(4, 1500, 16, torch.float32, s).view(1, 4, 1500, 16).requires_grad_() for s in (1, 2, 3))
+    ones, masked = torch.ones(1, 1500), torch.zeros(1, 1500)
+
+    def allocated(size):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            with use_backend("cpu"):
+                out, lse = ops._prop_attention(q, k, v, size, 0.25)
+                grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), out, lse, grads
+
+    baseline, *_ = allocated(ones)
+    used, out, lse, grads = allocated(masked)
+    assert used <= 1.5 * baseline
+    assert (out == 0).all() and lse.isneginf().all() and all((g == 0).all() for g in grads)
+    size = torch.ones(2, 1500)
+    size[1] = 0  # one padded row beside a real one: the real row is unchanged
+    q2, k2, v2 = (torch.cat([t.detach(), t.detach()]) for t in (q, k, v))
+    (out2, lse2), (ref_out, ref_lse) = on_both(ops._prop_attention, q2, k2, v2, size, 0.25)
+    assert_close(out2, ref_out)
+    assert torch.equal(lse2[1], ref_lse[1]) and lse2[1].isneginf().all()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Autograd and op registration through the public ops
 # ----------------------------------------------------------------------------------------------------
@@ -406,6 +452,11 @@ def _bad_native_calls():
         ("size must have shape", lambda: ops._native_merge(x, None, x[..., 0][:, :9], unm, src, dst, 1, False)),
         ("lse must be", lambda: ops._native_attention_backward(*[x.view(1, 2, 10, 4)] * 4, None, x.view(1, 2, 10, 4),
                                                                x[..., 0].view(1, 2, 10).double(), 0.5)),
+        ("grad_out and out must have q's dtype", lambda: ops._native_attention_backward(
+            x.view(1, 2, 10, 4).double(), *[x.view(1, 2, 10, 4)] * 3, None, x.view(1, 2, 10, 4), x[..., 0].view(1, 2, 10),
+            0.5)),
+        ("grad_out and out must have q's dtype", lambda: ops._native_attention_backward(
+            *[x.view(1, 2, 10, 4)] * 4, None, x.view(1, 2, 10, 4).half(), x[..., 0].view(1, 2, 10), 0.5)),
     ]
 
 

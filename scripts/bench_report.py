@@ -30,9 +30,10 @@ from shapes import ATTENTION_HEADLINE, MERGE_HEADLINE, SHAPES  # noqa: E402  (th
 BEGIN, END = "<!-- ops:begin -->", "<!-- ops:end -->"
 OPS = ("match", "merge", "bipartite_merge", "unmerge", "prop_attention")
 BACKENDS = ("cpu", "triton", "cuda", "torch")
-BASELINES = ("chain", "chain_compiled", "floor_copy", "floor_scores", "sdpa_unbiased")
+BASELINES = ("chain", "chain_compiled", "floor_copy", "floor_scores", "sdpa_unbiased", "sdpa_biased")
 PROVIDER_NAMES = {"torch": "torch (reference)", "chain": "chain", "chain_compiled": "chain compiled",
-                  "floor_copy": "floor: copy x", "floor_scores": "floor: A·Bᵀ", "sdpa_unbiased": "unbiased SDPA"}
+                  "floor_copy": "floor: copy x", "floor_scores": "floor: A·Bᵀ", "sdpa_unbiased": "unbiased SDPA",
+                  "sdpa_biased": "SDPA + log-size mask"}
 DTYPES = ("fp32", "bf16")
 DIRECTIONS = ("fwd", "bwd")
 SHAPE_ORDER = tuple(SHAPES)

@@ -71,6 +71,25 @@ std::tuple<at::Tensor, at::Tensor> attention_materialised(const at::Tensor& q, c
   return {at::matmul(probs, v.to(acc)).to(q.scalar_type()), lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& mask, double scale) {
+  const auto call = [&](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    return at::_scaled_dot_product_flash_attention_for_cpu(unit_last_stride(q), unit_last_stride(k),
+                                                            unit_last_stride(v), /*dropout_p=*/0.0,
+                                                            /*is_causal=*/false, mask, scale);
+  };
+  if (!at::isReducedFloatingType(q.scalar_type())) return call(q, k, v);
+  try {
+    return call(q, k, v);
+  } catch (const c10::Error&) {
+    // ATen's fp16/bf16 kernel packs its operands for AMX when the CPU has it, and refuses to when
+    // ATEN_CPU_CAPABILITY holds ATen below AVX-512 ("pack_vnni2 is only supported when avx512 is
+    // supported"): such calls run the kernel in fp32.
+    auto [out, lse] = call(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat));
+    return {out.to(q.scalar_type()), lse};
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& size, double scale) {
   check_qkv(q, k, v);
@@ -80,15 +99,34 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
             at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
                      q.options().dtype(acc_dtype(q.scalar_type())))};
   }
-  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), /*dropout_p=*/0.0, /*is_causal=*/false, mask,
-      scale);
-  // The kernel returns out 0 and lse 0 for a row whose logits are all -inf (every key has size 0: the defined
-  // lse is -inf) or all NaN (a NaN query: softmax attention gives NaN). A true lse of exactly 0 is rare, so
-  // such calls are recomputed with materialised logits, as reference.attention.
-  if ((lse == 0).any().item<bool>()) return attention_materialised(q, k, v, mask, scale);
-  // lse comes back as a [B, Nq, H] buffer viewed as [B, H, Nq]; both outputs are fresh buffers.
-  return {out.contiguous(), lse.contiguous()};
+  auto [out, lse] = flash_attention(q, k, v, mask, scale);
+  // lse comes back as a [B, Nq, H] buffer viewed as [B, H, Nq]; both outputs become fresh contiguous buffers.
+  out = out.contiguous();
+  lse = lse.contiguous();
+  // The kernel returns out 0 and lse 0 for a row whose logits are all -inf or all NaN. Batch rows whose
+  // every key has size 0 (e.g. a padded image's masked keys) have no key to attend to: out 0 (as returned)
+  // and lse -inf, set here. Any other lse of 0 (a NaN query, whose softmax is NaN, or a true lse of exactly
+  // 0, which is rare) has its batch row recomputed with materialised logits, as reference.attention: only
+  // those rows, so that a fully masked row costs no more than any other.
+  at::Tensor redo = (lse == 0).flatten(1).any(1);
+  if (mask.has_value()) {
+    const at::Tensor no_keys = mask->isneginf().flatten(1).all(1);
+    if (no_keys.any().item<bool>()) {
+      lse.masked_fill_(no_keys.view({-1, 1, 1}), -std::numeric_limits<double>::infinity());
+      redo.logical_and_(no_keys.logical_not());
+    }
+  }
+  if (redo.any().item<bool>()) {
+    const at::Tensor rows = redo.nonzero().squeeze(1);
+    auto [row_out, row_lse] = attention_materialised(q.index_select(0, rows), k.index_select(0, rows),
+                                                     v.index_select(0, rows),
+                                                     mask.has_value() ? std::optional(mask->index_select(0, rows))
+                                                                      : std::nullopt,
+                                                     scale);
+    out.index_copy_(0, rows, row_out);
+    lse.index_copy_(0, rows, row_lse);
+  }
+  return {out, lse};
 }
 
 // Query blocks hold about kBlockScores scores of each of the two [queries, keys] buffers (256 KB in fp32),
@@ -212,11 +250,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
               acc_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", lse.scalar_type());
   const auto mask = log_size_mask(size, k);
   const Isa isa = cpu_isa();
-  at::Tensor grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous), grad_k = at::zeros_like(k, at::MemoryFormat::Contiguous),
-             grad_v = at::zeros_like(v, at::MemoryFormat::Contiguous);
-  if (empty_attention(q, k)) return {grad_q, grad_k, grad_v};
+  const auto fresh = [](const at::Tensor& t) { return at::empty_like(t, at::MemoryFormat::Contiguous); };
+  if (empty_attention(q, k)) return {fresh(q).zero_(), fresh(k).zero_(), fresh(v).zero_()};
+  at::Tensor grad_q = fresh(q), grad_k = fresh(k), grad_v = fresh(v);  // every element is written
   const at::Tensor lse_c = lse.contiguous();
-  const std::optional<at::Tensor> mask_c = mask.has_value() ? std::optional(mask->reshape({k.size(0), k.size(2)}).contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> mask_c =
+      mask.has_value() ? std::optional(mask->reshape({k.size(0), k.size(2)}).contiguous()) : std::nullopt;
   dispatch_data_acc(q.scalar_type(), acc_dtype(q.scalar_type()), [&](auto scalar, auto acc) {
     using scalar_t = decltype(scalar);
     using acc_t = decltype(acc);

@@ -19,6 +19,7 @@
 #include <numeric>
 
 #include "common.h"
+#include "isa.h"
 
 namespace tome::cpu {
 namespace {
@@ -30,7 +31,7 @@ constexpr int64_t kBandScores = 131072;
 constexpr int64_t kTileScores = 32768;
 
 // The row helpers, compiled for the x86-64 baseline (or the native target elsewhere) and, on x86-64, also
-// for AVX2, chosen at run time. The build is ISO C++ (-ffp-contract=off: no FMA contraction) and the
+// for AVX2, chosen at run time (isa.h). The build is ISO C++ (-ffp-contract=off: no FMA contraction) and the
 // helpers fix their summation order, so both give the same bits.
 namespace base {
 #define TOME_VECTOR_BYTES 16
@@ -48,10 +49,7 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
-bool use_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2");
-  return supported;
-}
+bool use_avx2() { return cpu_isa() >= Isa::kAvx2; }
 #else
 namespace avx2 = base;
 bool use_avx2() { return false; }

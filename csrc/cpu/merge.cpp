@@ -13,6 +13,7 @@
 #endif
 
 #include "common.h"
+#include "isa.h"
 
 namespace tome::cpu {
 namespace {
@@ -38,10 +39,7 @@ __attribute__((target("avx"))) void stream_bytes_avx(char* dst, const char* src,
   std::memcpy(dst + i, src + i, bytes - i);
 }
 
-bool use_avx() {
-  static const bool supported = __builtin_cpu_supports("avx");
-  return supported;
-}
+bool use_avx() { return cpu_isa() >= Isa::kAvx2; }  // isa.h
 #endif
 
 // The copy of one row; with `stream`, the aligned body goes through non-temporal stores (callers fence
