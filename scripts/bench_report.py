@@ -121,7 +121,7 @@ def machine_text(machine, commit, when, source):
 
 
 def headline(results, backend):
-    """The bars of issue #7, for the fp32 forward of ``backend``."""
+    """The headline targets (bars), for the fp32 forward of ``backend``."""
     rows, notes = [], []
 
     def row(case, baseline_name, baseline, ours, bar, bound, speedup):
@@ -154,7 +154,7 @@ def headline(results, backend):
         row(case, "unbiased SDPA", min_time(group, "sdpa_unbiased"), ours, "≤ 1.2× its time", 1.2, speedup=False)
     if not rows:
         return ""
-    return "\n".join([f"### Headline: the bars of issue #7 (`{backend}` backend, fp32, forward)", "",
+    return "\n".join([f"### Headline: the targets (`{backend}` backend, fp32, forward)", "",
                       "Ratio: the baseline's time over ours (speed-up), except for the floor and SDPA rows: "
                       "ours over theirs.", "",
                       f"| case | `{backend}` | baseline | ratio | bar | met |", "|---|---|---|---|---|---|", *rows,
