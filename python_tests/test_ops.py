@@ -8,7 +8,6 @@ from tome_testing import assert_close, reference_outputs, tie_free_metric
 from torch.library import opcheck
 
 import tome_kernels
-from tome_kernels import reference
 
 # (batch, N, channels, protected, r): ViT counts, odd/prime N, r = 0, r at and past the clamp.
 SHAPES = [
@@ -110,19 +109,6 @@ def test_merge_and_unmerge_equal_reference(backend, shape):
     y = make_tokens(batch, num_tokens - indices[1].shape[1], channels, torch.float32, device)
     expected = reference_outputs(torch.ops.tome.unmerge, y, *indices, protected)
     torch.testing.assert_close(torch.ops.tome.unmerge(y, *indices, protected), expected, rtol=0, atol=0)
-
-
-def test_bipartite_merge_makes_the_original_tome_merges():
-    """For protected = 0 and 1 (class token) the ops reproduce the paper's algorithm step by step."""
-    x = make_tokens(4, 197, 32, torch.float64, "cpu")
-    size = make_size(4, 197, torch.float64, "cpu")
-    metric = tie_free_metric(4, 197, 64, torch.float64)
-    for class_token in (False, True):
-        x_out, _, size_out, *_ = reference_outputs(torch.ops.tome.bipartite_merge, x, None, size, 16,
-                                                   metric=metric, protected=int(class_token))
-        x_chain, size_chain = reference.tome_chain(x, size, metric, 16, class_token)
-        torch.testing.assert_close(x_out, x_chain, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(size_out, size_chain, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
