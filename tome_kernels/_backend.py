@@ -95,13 +95,13 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name == "auto" or backend.name in _registry:
         raise ValueError(f"tome: a backend named {backend.name!r} is already registered")
     _registry[backend.name] = backend
-    _auto.cache_clear()
+    _clear_caches()
     return backend
 
 
 def unregister_backend(name: str) -> None:
     _registry.pop(name)
-    _auto.cache_clear()
+    _clear_caches()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -123,6 +123,16 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
 def available_backends(device_type: str = "cpu") -> dict[str, Optional[str]]:
     """``{name: None if usable else the reason}`` for every registered backend on ``device_type``."""
     return {name: unavailable_reason(name, device_type) for name in backend_names()[1:]}
+
+
+def _clear_caches() -> None:
+    _auto.cache_clear()
+    _reason.cache_clear()
+
+
+@functools.cache  # availability does not change while a process runs, and resolve asks on every op call
+def _reason(name: str, device_type: str) -> Optional[str]:
+    return _registry[name].unavailable_reason(device_type)
 
 
 @functools.cache
@@ -186,12 +196,12 @@ def resolve(device: torch.device) -> Backend:
         backend = _auto(device.type)
         if backend.name == "torch" and device.type in ("cpu", "cuda") and not _warned_fallback:
             _warned_fallback = True
-            reasons = {n: r for n, r in available_backends(device.type).items() if n != "torch"}
+            reasons = {b.name: b.unavailable_reason(device.type) for b in _registry.values()
+                       if device.type in b.devices}
             warnings.warn(f"tome_kernels: no compiled backend for {device.type} tensors, using the torch "
                           f"reference ({reasons})", stacklevel=3)
         return backend
-    backend = _registry[name]
-    reason = backend.unavailable_reason(device.type)
+    reason = _reason(name, device.type)
     if reason is not None:
         raise RuntimeError(f"tome_kernels backend {name!r} cannot run on {device.type} tensors: {reason}")
-    return backend
+    return _registry[name]

@@ -55,6 +55,8 @@ class NativeBackend(Backend):
         if self.namespace == "tome" and load_error is not None:
             return (f"the C++ extension tome_kernels._C is not built ({load_error}); "
                     "run `pip install --no-build-isolation -e .`")
+        if not hasattr(getattr(torch.ops, self.namespace), "_native_match"):
+            return f"no {self.namespace}::_native_* ops are loaded"
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{self.namespace}::_native_match", self.dispatch_key):
             return (f"tome_kernels._C was built without {self.dispatch_key} kernels (build with CUDA_HOME set and "
                     "torch with CUDA)")

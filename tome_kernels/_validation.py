@@ -157,7 +157,7 @@ def check_size_values(size: Optional[Tensor], data_dtype: torch.dtype, allow_zer
     runs next (None: none does)."""
     if size is None or size.numel() == 0 or not _values_checked_here(size, backend, "sizes"):
         return
-    low, high = size.min(), size.max()
+    low = size.min()
     if not (torch.isfinite(size).all() and (low >= 0 if allow_zero else low > 0)):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"tome: size must be finite and {bound}, got min {low.item()}, "
@@ -166,6 +166,7 @@ def check_size_values(size: Optional[Tensor], data_dtype: torch.dtype, allow_zer
         return
     info = torch.finfo(torch.float32)
     low_nonzero = size.masked_fill(size == 0, float("inf")).min() if allow_zero else low
+    high = size.max()
     if high > info.max or low_nonzero < info.tiny:
         raise ValueError(f"tome: size values must fit float32, the accumulation dtype of float32, float16 and "
                          f"bfloat16 data: got min {low_nonzero.item():g}, max {high.item():g}, outside "

@@ -58,7 +58,7 @@ def default_build_dir() -> str:
 
 
 def build(build_dir: str | os.PathLike | None = None) -> None:
-    """Compile (ninja rebuilds only what changed, about 2 minutes from scratch) and load the emulated
+    """Compile (ninja rebuilds only what changed; build times in docs/CUDA.md) and load the emulated
     kernels into ``torch.ops.tome_emu``."""
     build_dir = build_dir or default_build_dir()
     import tome_kernels  # noqa: F401  (defines the tome schemas copied below)
