@@ -1,8 +1,8 @@
 """Baselines of the op benchmarks, timed in the same groups as the ops.
 
-* ``chain``: one ToMe step as the original chain of PyTorch ops, the spec's ``reference.tome_chain``
-  (full normalised score matrix, max, argsort, gather, ``scatter_reduce`` of x * size and of size, a
-  division), eager and under ``torch.compile``; benchmarks and tests time and check one function.
+* ``chain``: one ToMe step as the original chain of PyTorch ops (full normalised score matrix, max,
+  argsort, gather, ``scatter_reduce`` of x * size and of size, a division, about 15 launches), eager and
+  under ``torch.compile``; test_baselines.py checks that the ops make its merges.
 * The floor of one ToMe step: the larger of one copy of x and one BLAS product of the normalised A and B
   sets (both timed; the report takes the larger).
 * Attention: the explicit-softmax formulation is the ``torch`` backend itself; ``sdpa_unbiased`` is
@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from tome_kernels import reference
+from tome_kernels import layout
 
 # One compiled chain serves every shape, dtype and grad mode (dynamic=False: one graph each); 6 shapes x
 # 2 dtypes x {fwd, bwd} exceed dynamo's default of 8 graphs per function, past which it runs eagerly.
@@ -39,8 +39,32 @@ def make_inputs(shape, batch: int, dtype: torch.dtype, device: str, seed: int = 
 
 
 def chain(x, size, metric, r: int, protected: int):
-    """One ToMe step as the original chain of PyTorch ops (protected = 0, or 1 for a class token)."""
-    return reference.tome_chain(x, size, metric, r, class_token=bool(protected))
+    """One ToMe step written as the paper's algorithm: ``(x_out, size_out)``; protected = 0, or 1 for a
+    class token."""
+    class_token = bool(protected)
+    r = layout.clamp_r(r, x.shape[1], int(class_token))
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    if class_token:
+        scores[:, 0, :] = -float("inf")
+    best_score, best_b = scores.max(dim=-1)
+    ranked = best_score.argsort(dim=-1, descending=True)[..., None]
+    unm_rank, src_rank = ranked[:, r:], ranked[:, :r]
+    dst_slot = best_b[..., None].gather(1, src_rank)
+    if class_token:
+        unm_rank = unm_rank.sort(dim=1).values
+
+    def merge_sum(t):
+        a, b = t[:, ::2], t[:, 1::2]
+        channels = t.shape[-1]
+        unmerged = a.gather(1, unm_rank.expand(-1, -1, channels))
+        sources = a.gather(1, src_rank.expand(-1, -1, channels))
+        b = b.scatter_reduce(1, dst_slot.expand(-1, -1, channels), sources, reduce="sum")
+        return torch.cat([unmerged, b], dim=1)
+
+    x_out = merge_sum(x * size)
+    size_out = merge_sum(size)
+    return x_out / size_out, size_out
 
 
 @functools.cache
@@ -52,8 +76,8 @@ def normalised_sets(metric, protected: int):
     """The contiguous normalised A and B token sets that the floor's product takes."""
     unit = metric / metric.norm(dim=-1, keepdim=True)
     num_tokens = metric.shape[1]
-    return (unit[:, reference.a_positions(num_tokens, protected)].contiguous(),
-            unit[:, reference.b_positions(num_tokens, protected)].contiguous())
+    return (unit[:, layout.a_positions(num_tokens, protected)].contiguous(),
+            unit[:, layout.b_positions(num_tokens, protected)].contiguous())
 
 
 def floor_copy(x):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tome_kernels
-from tome_kernels import reference
+from tome_kernels import layout
 
 import baselines
 from shapes import DEVICE, DTYPES, MERGE_HEADLINE, QUICK, RUN_SHAPES, SHAPES
@@ -111,7 +111,7 @@ def token_bytes(x, tokens_in, tokens_out):
 def test_match(benchmark, threads, direction, provider, shape, dtype):
     s = SHAPES[shape]
     _, _, metric, _ = merge_inputs(shape, dtype)
-    num_a, num_b = reference.num_a(s.tokens, s.protected), reference.num_b(s.tokens, s.protected)
+    num_a, num_b = layout.num_a(s.tokens, s.protected), layout.num_b(s.tokens, s.protected)
     if provider == "floor_scores":
         a, b = baselines.normalised_sets(metric, s.protected)
         forward, inputs = baselines.floor_scores, (a, b)
@@ -161,7 +161,7 @@ def test_bipartite_merge(benchmark, threads, direction, provider, shape, dtype):
     bytes_moved = token_bytes(x, s.tokens, s.tokens - s.r)
     if s.metric_channels is not None and direction == "fwd":
         bytes_moved += metric.numel() * metric.element_size()
-    num_a, num_b = reference.num_a(s.tokens, s.protected), reference.num_b(s.tokens, s.protected)
+    num_a, num_b = layout.num_a(s.tokens, s.protected), layout.num_b(s.tokens, s.protected)
     run(benchmark, threads, "bipartite_merge", direction, provider, shape, dtype, forward, inputs,
         bytes_moved=bytes_moved,
         flops=2 * metric.shape[0] * num_a * num_b * metric.shape[-1] if direction == "fwd" else 0)

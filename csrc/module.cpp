@@ -1,5 +1,5 @@
 // The extension only registers kernels (TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda); the schemas live in
-// tome_kernels/_ops.py. This stub makes the shared object importable as tome_kernels._C.
+// tome_kernels/_native.py. This stub makes the shared object importable as tome_kernels._C.
 #include <Python.h>
 
 extern "C" PyObject* PyInit__C(void) {

@@ -32,4 +32,4 @@ def backend(request, _emulated_kernels):
     if skipped and skipped in request.node.callspec.id.split("-"):
         pytest.skip("too slow under emulation")
     with cuda_emulation.routed():
-        yield "cpu", "cuda"
+        yield "cpu", cuda_emulation.BACKEND_NAME

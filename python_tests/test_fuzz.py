@@ -22,7 +22,8 @@ from tome_testing import TOL, assert_close, available, reference_outputs, tie_fr
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tome_kernels
-from tome_kernels import reference
+from tome_kernels import layout, reference
+from tome_kernels._validation import check_index_values
 
 ops = torch.ops.tome
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -142,26 +143,26 @@ def assert_valid_match(metric, r, protected, unm_idx, src_idx, dst_idx):
     destination a best B partner, sources ranked by best score, and every source at least as good as every
     unmerged token (scores in float64, tolerance above the backend's fp32 / fp64 accumulation error)."""
     batch, num_tokens, _ = metric.shape
-    r = reference.clamp_r(r, num_tokens, protected)
+    r = layout.clamp_r(r, num_tokens, protected)
     assert src_idx.shape == dst_idx.shape == (batch, r)
-    assert unm_idx.shape == (batch, reference.num_a(num_tokens, protected) - r)
-    reference.check_index_values(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    assert unm_idx.shape == (batch, layout.num_a(num_tokens, protected) - r)
+    check_index_values(None, num_tokens, protected, unm_idx, src_idx, dst_idx)
     if r == 0:
-        assert torch.equal(unm_idx, reference.a_positions(num_tokens, protected).expand(batch, -1))
+        assert torch.equal(unm_idx, layout.a_positions(num_tokens, protected).expand(batch, -1))
         return
     tol = 1e-9 if metric.dtype == torch.float64 else 2e-4
     unit = metric.double()
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
-    a_pos, b_pos = reference.a_positions(num_tokens, protected), reference.b_positions(num_tokens, protected)
+    a_pos, b_pos = layout.a_positions(num_tokens, protected), layout.b_positions(num_tokens, protected)
     scores = unit[:, a_pos] @ unit[:, b_pos].transpose(1, 2)  # [B, nA, nB]
     best = scores.max(-1).values  # [B, nA]
 
     def a_slot(idx):
-        return (idx - reference.first_a(protected)) // 2
+        return (idx - layout.first_a(protected)) // 2
 
     src_best = best.gather(1, a_slot(src_idx))
     chosen = scores.gather(1, a_slot(src_idx)[..., None].expand(-1, -1, b_pos.numel()))
-    chosen = chosen.gather(2, ((dst_idx - reference.first_b(protected)) // 2)[..., None])[..., 0]
+    chosen = chosen.gather(2, ((dst_idx - layout.first_b(protected)) // 2)[..., None])[..., 0]
     assert (chosen >= src_best - tol).all(), "a source's destination is not a best B partner"
     assert (src_best[:, 1:] <= src_best[:, :-1] + tol).all(), "sources not in descending score order"
     if unm_idx.shape[1]:

@@ -9,7 +9,7 @@ import torch
 from tome_testing import assert_close, reference_outputs, tie_free_metric
 
 import tome_kernels
-from tome_kernels import reference
+from tome_kernels import layout
 
 ops = torch.ops.tome
 NAN, INF = float("nan"), float("inf")
@@ -50,7 +50,7 @@ def test_nan_in_x_stays_in_its_output_token(backend):
     expected_x, expected_size = reference_outputs(ops.merge, x, size, unm, src, dst, 1)
     assert_equal_nan(x_out.cpu(), expected_x)
     assert torch.isfinite(size_out).all()
-    group = reference.groups(21, 1, unm, src, dst)
+    group = layout.groups(21, 1, unm, src, dst)
     poisoned = torch.zeros(2, 21 - 6, dtype=torch.bool)
     for b, n in ((0, src[0, 0].item()), (0, 3), (1, unm[1, 0].item())):
         poisoned[b, group[b, n]] = True
@@ -94,6 +94,36 @@ def test_attention_rejects_negative_or_non_finite_size(backend, bad):
     size = torch.tensor([[1.0, 0.0, bad, 2.0, 1.0]], device=device)
     with pytest.raises(ValueError, match=r"^tome: size must be finite and >= 0"):
         ops.prop_attention(q, q, q, size)
+
+
+@pytest.mark.parametrize("value", [1e-50, 1e300])
+def test_float64_sizes_outside_the_float32_range(backend, value):
+    """float64 sizes are checked in float64, before any cast: with float32 data (float32 accumulation) a size
+    outside float32's normal range is a ValueError naming it, on every op and backend (also when r = 0 sends
+    the call to no backend); with float64 data it is merged exactly."""
+    device, _ = backend
+    x = randn(1, 8, 4).to(device)
+    size = torch.full((1, 8, 1), value, dtype=torch.float64, device=device)
+    unm, src, dst = (t.to(device) for t in indices(1, 8, 2, 0))
+    q = x.view(1, 1, 8, 4)
+    message = r"^tome: size values must fit float32, the accumulation dtype of float32, float16 and bfloat16 data"
+    for call in (lambda: ops.bipartite_merge(x, None, size, 2), lambda: ops.bipartite_merge(x, None, size, 0),
+                 lambda: ops.merge(x, size, unm, src, dst, 0), lambda: ops.prop_attention(q, q, q, size)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    x_out, _, size_out, *_ = ops.bipartite_merge(x.double(), None, size, 2)
+    assert torch.isfinite(x_out).all() and torch.equal(size_out.unique(), torch.tensor([value, 2 * value],
+                                                                                         dtype=torch.float64,
+                                                                                         device=device))
+    assert torch.isfinite(ops.prop_attention(q.double(), q.double(), q.double(), size)).all()
+
+
+def test_attention_float64_size_zero_is_still_a_masked_key(backend):
+    """The range rule leaves size 0 to attention (a masked key); only nonzero sizes must fit float32."""
+    device, _ = backend
+    q = randn(1, 1, 4, 8).to(device)
+    size = torch.tensor([[1.0, 0.0, 2.0, 1.0]], dtype=torch.float64, device=device)
+    assert_close(ops.prop_attention(q, q, q, size), reference_outputs(ops.prop_attention, q, q, q, size))
 
 
 def _attention_with_grads(q, k, v, size, scale=0.3):
@@ -175,7 +205,7 @@ def test_clamped_r_zero_is_the_identity(backend, num_tokens, protected, r):
     device, _ = backend
     x = randn(2, num_tokens, 3).to(device)
     x_out, _, size_out, unm, src, dst = ops.bipartite_merge(x, None, None, r, protected=protected)
-    assert src.shape[1] == reference.clamp_r(r, num_tokens, protected)
+    assert src.shape[1] == layout.clamp_r(r, num_tokens, protected)
     if src.shape[1] == 0:
         assert torch.equal(x_out, x) and torch.equal(size_out, torch.ones_like(x[..., :1]))
 

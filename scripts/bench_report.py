@@ -116,7 +116,7 @@ def machine_text(machine, commit, when, source):
             f"commit {commit_id}.{caveat}\n\n"
             "Every figure is the **minimum over rounds** (other jobs on a shared machine only add time; the JSON "
             "keeps the medians). `bwd` times the backward alone (`autograd.grad` with `retain_graph`). "
-            "Chain = the original ToMe step as plain PyTorch ops (`reference.tome_chain`); floor = the larger "
+            "Chain = the original ToMe step as plain PyTorch ops (`chain` in bench/baselines.py); floor = the larger "
             "of one copy of x and one BLAS product of the normalised A and B sets.")
 
 

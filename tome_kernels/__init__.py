@@ -12,8 +12,18 @@ Importing the package registers every op. Public ops (see README for shapes)::
 
 import torch
 
-from . import _ops  # noqa: F401  (defines the schemas)
-from ._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
+from . import _native, _ops, _triton_backend, reference
+from ._backend import (Backend, available_backends, backend_names, get_backend, register_backend, set_backend,
+                       set_default_from_env, unregister_backend, use_backend)
+
+# The built-in backends, one line each (``auto`` orders them by priority).
+register_backend(_triton_backend.TritonBackend())
+register_backend(_native.CUDA)
+register_backend(_native.CPU)
+register_backend(reference.TorchBackend())
+set_default_from_env()
+
+BACKENDS = backend_names()  # the built-in ones; backend_names() also lists those registered later
 
 bipartite_merge = torch.ops.tome.bipartite_merge
 bipartite_match = torch.ops.tome.bipartite_match
@@ -22,5 +32,6 @@ unmerge = torch.ops.tome.unmerge
 prop_attention = torch.ops.tome.prop_attention
 merge_source = torch.ops.tome.merge_source
 
-__all__ = ["BACKENDS", "available_backends", "get_backend", "set_backend", "use_backend", "bipartite_merge",
-           "bipartite_match", "merge", "unmerge", "prop_attention", "merge_source"]
+__all__ = ["BACKENDS", "Backend", "available_backends", "backend_names", "get_backend", "register_backend",
+           "set_backend", "unregister_backend", "use_backend", "bipartite_merge", "bipartite_match", "merge",
+           "unmerge", "prop_attention", "merge_source"]

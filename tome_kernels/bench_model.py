@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import tome_kernels
-from tome_kernels import reference
+from tome_kernels import layout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def vit_token_counts(num_tokens: int, r_per_layer: Sequence[int], protected: int
     """``(tokens into attention, tokens into the MLP)`` per block: a block merges between the two."""
     counts = []
     for r in r_per_layer:
-        merged = num_tokens - reference.clamp_r(r, num_tokens, protected)
+        merged = num_tokens - layout.clamp_r(r, num_tokens, protected)
         counts.append((num_tokens, merged))
         num_tokens = merged
     return counts

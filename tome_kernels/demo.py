@@ -12,7 +12,6 @@ import torch
 from torch.utils import benchmark
 
 import tome_kernels
-from tome_kernels import reference
 
 
 def _seconds(fn, min_run_time: float) -> float:
@@ -40,12 +39,14 @@ def model_speed(model_name: str, batch: int, r: int) -> None:
 
 def op_speed() -> None:
     """bipartite_merge at the ViT-B shape (B=32, N=197, C=768, metric C=64, class token, r=16)."""
+    from bench.baselines import chain as tome_chain  # the benchmarks' baseline (the demo runs from the repo root)
+
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 197, 768, generator=gen)
     metric = torch.randn(32, 197, 64, generator=gen)
     size = torch.ones(32, 197, 1)
     with torch.inference_mode():
-        chain = _seconds(lambda: reference.tome_chain(x, size, metric, 16, class_token=True), 1.0)
+        chain = _seconds(lambda: tome_chain(x, size, metric, 16, protected=1), 1.0)
         print("bipartite_merge, ViT-B shape (B=32, N=197, C=768, r=16), fp32:")
         print(f"  plain-PyTorch ToMe chain : {chain * 1e3:7.2f} ms")
         for backend, reason in tome_kernels.available_backends("cpu").items():

@@ -1,11 +1,8 @@
 """Plain-PyTorch reference of every tome op: the readable spec, and the ``torch`` backend.
 
-Token layout (N tokens, the first ``protected`` of which never merge)::
-
-    A = non-protected tokens at even positions, B = non-protected tokens at odd positions
-    r is clamped to (N - protected) // 2
-    output = [protected tokens (original order) ; unmerged A ; every B token (original order)]
-    except when the clamped r is 0: then every op returns its input unchanged, in the same order.
+Token layout (:mod:`tome_kernels.layout`): A = non-protected even positions, B = non-protected odd positions,
+r clamped to (N - protected) // 2, output = [protected ; unmerged A ; every B], the input unchanged when the
+clamped r is 0.
 
 Index tensors (int64, absolute token positions in the input):
 
@@ -15,11 +12,8 @@ Index tensors (int64, absolute token positions in the input):
 * ``src_idx [batch, r]``: the A tokens that merge, in descending best-score order.
 * ``dst_idx [batch, r]``: the B token each source merges into.
 
-Everything below is expressed with two derived maps:
-
-* ``rep [batch, N - r]``: the input position that represents each output token (its own position for a
-  protected, unmerged A or B token: a merged group is represented by its B destination);
-* ``group [batch, N]``: the output token each input token ends up in.
+Everything below is expressed with the layout's two maps, ``rep`` (the input position representing each
+output token) and ``group`` (the output token of each input token).
 
 Matching: cosine similarity of the L2-normalised metric; a zero metric vector normalises to zero (it
 scores 0 against every token, never NaN). Ties are broken towards the lower position: the first best B
@@ -30,90 +24,18 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import ANY_DEVICE, Backend
+from ._validation import accumulate_dtype as _accumulate_dtype
+
+# The layout is part of the spec: these names are also read as ``reference.<name>`` by the kernels' tests.
+from .layout import (a_positions, b_output_index, b_positions, clamp_r, first_a, first_b, groups,  # noqa: F401
+                     num_a, num_b, representatives)
+
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Layout
-# ----------------------------------------------------------------------------------------------------
-def clamp_r(r: int, num_tokens: int, protected: int) -> int:
-    """The number of merges actually made: at most half of the non-protected tokens."""
-    return max(0, min(r, (num_tokens - protected) // 2))
-
-
-def first_a(protected: int) -> int:
-    """Position of the first non-protected A (even) token."""
-    return protected + (protected & 1)
-
-
-def first_b(protected: int) -> int:
-    """Position of the first non-protected B (odd) token."""
-    return protected | 1
-
-
-def num_a(num_tokens: int, protected: int) -> int:
-    return max(0, (num_tokens - first_a(protected) + 1) // 2)
-
-
-def num_b(num_tokens: int, protected: int) -> int:
-    return max(0, (num_tokens - first_b(protected) + 1) // 2)
-
-
-def a_positions(num_tokens: int, protected: int, device=None) -> torch.Tensor:
-    return torch.arange(min(first_a(protected), num_tokens), num_tokens, 2, device=device)
-
-
-def b_positions(num_tokens: int, protected: int, device=None) -> torch.Tensor:
-    return torch.arange(min(first_b(protected), num_tokens), num_tokens, 2, device=device)
-
-
-def b_output_index(b_pos: torch.Tensor, num_unmerged: int, protected: int) -> torch.Tensor:
-    """Output index of the B token at input position ``b_pos``."""
-    return protected + num_unmerged + (b_pos - first_b(protected)) // 2
-
-
-def representatives(num_tokens: int, protected: int, unm_idx: torch.Tensor) -> torch.Tensor:
-    """``rep [batch, N - r]``: input position of each output token (the identity when r = 0)."""
-    batch, device = unm_idx.shape[0], unm_idx.device
-    if unm_idx.shape[1] == num_a(num_tokens, protected):
-        return torch.arange(num_tokens, device=device).expand(batch, num_tokens)
-    prot = torch.arange(protected, device=device).expand(batch, protected)
-    b_pos = b_positions(num_tokens, protected, device).expand(batch, -1)
-    return torch.cat([prot, unm_idx, b_pos], dim=1)
-
-
-def groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx) -> torch.Tensor:
-    """``group [batch, N]``: output index of every input token (a source goes to its destination)."""
-    rep = representatives(num_tokens, protected, unm_idx)
-    batch = rep.shape[0]
-    out_index = torch.arange(rep.shape[1], device=rep.device).expand(batch, -1)
-    group = torch.empty(batch, num_tokens, dtype=torch.long, device=rep.device)
-    group.scatter_(1, rep, out_index)
-    group.scatter_(1, src_idx, b_output_index(dst_idx, unm_idx.shape[1], protected))
-    return group
-
-
-def check_index_values(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx) -> None:
-    """Raise ValueError unless the indices describe a matching of N tokens (e.g. from another call)."""
-    a_idx = torch.cat([unm_idx, src_idx], dim=1)
-    if a_idx.numel() and (a_idx.min() < protected or a_idx.max() >= num_tokens or (a_idx % 2 != 0).any()):
-        raise ValueError(f"tome: unm_idx and src_idx must hold every even (A) token position in "
-                         f"[protected={protected}, N={num_tokens}) once")
-    if dst_idx.numel() and (dst_idx.min() < protected or dst_idx.max() >= num_tokens or (dst_idx % 2 != 1).any()):
-        raise ValueError(f"tome: dst_idx must hold odd (B) token positions in [protected={protected}, N={num_tokens})")
-    seen = torch.zeros(a_idx.shape[0], num_tokens, dtype=torch.long, device=a_idx.device)
-    seen.scatter_add_(1, a_idx, torch.ones_like(a_idx))
-    if (seen[:, first_a(protected)::2] != 1).any():
-        raise ValueError(f"tome: unm_idx and src_idx must hold every even (A) token position in "
-                         f"[protected={protected}, N={num_tokens}) once (one is missing or repeated)")
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,32 +186,14 @@ def merge_source(source, unm_idx, src_idx, dst_idx, protected: int):
     return out.scatter_reduce_(1, group.unsqueeze(-1).expand_as(source), source, reduce="amax")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Baseline: the original ToMe step as a chain of plain PyTorch ops (full score matrix, argsort,
-# gather / scatter_reduce, about 15 launches). Benchmarks time it; tests check the ops make its merges.
-# ----------------------------------------------------------------------------------------------------
-def tome_chain(x, size, metric, r: int, class_token: bool):
-    """One ToMe step written as the paper's algorithm: ``(x_out, size_out)`` for ``protected = class_token``."""
-    r = clamp_r(r, x.shape[1], int(class_token))
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
-    if class_token:
-        scores[:, 0, :] = -float("inf")
-    best_score, best_b = scores.max(dim=-1)
-    ranked = best_score.argsort(dim=-1, descending=True)[..., None]
-    unm_rank, src_rank = ranked[:, r:], ranked[:, :r]
-    dst_slot = best_b[..., None].gather(1, src_rank)
-    if class_token:
-        unm_rank = unm_rank.sort(dim=1).values
+class TorchBackend(Backend):
+    """The spec as the ``torch`` backend: any device, ``auto``'s last choice."""
 
-    def merge_sum(t):
-        a, b = t[:, ::2], t[:, 1::2]
-        channels = t.shape[-1]
-        unmerged = a.gather(1, unm_rank.expand(-1, -1, channels))
-        sources = a.gather(1, src_rank.expand(-1, -1, channels))
-        b = b.scatter_reduce(1, dst_slot.expand(-1, -1, channels), sources, reduce="sum")
-        return torch.cat([unmerged, b], dim=1)
-
-    x_out = merge_sum(x * size)
-    size_out = merge_sum(size)
-    return x_out / size_out, size_out
+    name, devices, priority = "torch", (ANY_DEVICE,), 0
+    match = staticmethod(match)
+    merge = staticmethod(merge)
+    merge_backward = staticmethod(merge_backward)
+    unmerge = staticmethod(unmerge)
+    unmerge_backward = staticmethod(unmerge_backward)
+    attention = staticmethod(attention)
+    attention_backward = staticmethod(attention_backward)

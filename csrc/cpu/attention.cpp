@@ -31,24 +31,13 @@
 namespace tome::cpu {
 namespace {
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_float("q", q, 4);
-  check_float("k", k, 4);
-  check_float("v", v, 4);
-  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "tome: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got q ", q.sizes(), ", k ",
-              k.sizes(), ", v ", v.sizes());
-}
-
 // log(size) as a [B, 1, 1, Nk] mask in the accumulation dtype, or none.
 std::optional<at::Tensor> log_size_mask(const std::optional<at::Tensor>& size, const at::Tensor& k) {
   if (!size.has_value()) return std::nullopt;
   check_float("size", *size, 2);
   check_shape("size", *size, {k.size(0), k.size(2)});
+  check_size_values(size->contiguous(), acc_dtype(k.scalar_type()), /*allow_zero=*/true);
   const at::Tensor size_acc = size->to(acc_dtype(k.scalar_type())).contiguous();
-  check_size_values(size_acc, /*allow_zero=*/true);
   return size_acc.log().view({k.size(0), 1, 1, k.size(2)});
 }
 

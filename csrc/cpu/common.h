@@ -40,22 +40,33 @@ void dispatch_data_acc(at::ScalarType data, at::ScalarType acc, const F& f) {
   });
 }
 
-// Token sizes (contiguous, fp32 or fp64) must be finite and > 0 to be merged (a weight of 0 or less has no
-// mean), >= 0 for attention (log 0 = -inf masks the key): the ValueError of _ops._check_size_values.
-inline void check_size_values(const at::Tensor& size, bool allow_zero) {
-  AT_DISPATCH_FLOATING_TYPES(size.scalar_type(), "check_size_values", [&] {
+// Token sizes (contiguous, any float dtype), checked in their own dtype before any cast, with the messages of
+// tome_kernels/_validation.py (check_size_values): finite and > 0 to be merged (a weight of 0 or less has no
+// mean), >= 0 for attention (log 0 = -inf masks the key); and, when they are wider than the accumulation dtype
+// `acc` of the data (float64 sizes, float32 accumulation), nonzero sizes inside its normal range, so that the
+// cast keeps them finite and positive.
+inline void check_size_values(const at::Tensor& size, at::ScalarType acc, bool allow_zero) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, size.scalar_type(), "check_size_values", [&] {
     const scalar_t* data = size.const_data_ptr<scalar_t>();
-    scalar_t low = std::numeric_limits<scalar_t>::infinity();
+    double low = std::numeric_limits<double>::infinity(), low_nonzero = low, high = 0;
     int64_t non_finite = 0;
     bool valid = true;
     for (int64_t i = 0; i < size.numel(); ++i) {
-      const scalar_t s = data[i];
+      const double s = static_cast<double>(data[i]);
       if (std::isnan(s) || s < low) low = std::isnan(low) ? low : s;
+      if (s != 0 && s < low_nonzero) low_nonzero = s;
+      if (s > high) high = s;
       non_finite += !std::isfinite(s);
       valid = valid && std::isfinite(s) && (allow_zero ? s >= 0 : s > 0);
     }
     TORCH_CHECK_VALUE(valid, "tome: size must be finite and ", allow_zero ? ">= 0" : "> 0", ", got min ", low, ", ",
                       non_finite, " non-finite");
+    if (size.scalar_type() == at::kDouble && acc == at::kFloat) {
+      constexpr double tiny = std::numeric_limits<float>::min(), largest = std::numeric_limits<float>::max();
+      TORCH_CHECK_VALUE(high <= largest && low_nonzero >= tiny, "tome: size values must fit float32, the "
+                        "accumulation dtype of float32, float16 and bfloat16 data: got min ", low_nonzero, ", max ",
+                        high, ", outside [", tiny, ", ", largest, "]; pass the data as float64 to merge such sizes");
+    }
   });
 }
 

@@ -55,152 +55,183 @@ namespace avx2 = base;
 bool use_avx2() { return false; }
 #endif
 
+// One match call: the three stages as member functions over shared state, run by one of two drivers.
 template <class scalar_t, class acc_t>
-void match_kernel(const at::Tensor& metric, const Layout& layout, int64_t batch, int64_t* unm_idx,
-                  int64_t* src_idx, int64_t* dst_idx) {
-  const int64_t num_tokens = layout.num_tokens, channels = metric.size(2);
-  const int64_t na = layout.num_a(), nb = layout.num_b(), r = layout.r, nu = layout.num_unmerged();
-  if (r == 0) {  // nothing merges: no scores needed, the A tokens stay in order
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t k = 0; k < na; ++k) unm_idx[b * na + k] = layout.a_position(k);
-    }
-    return;
-  }
-  const bool avx2 = use_avx2();
-  const auto normalise_row = avx2 ? avx2::normalise_row<scalar_t, acc_t> : base::normalise_row<scalar_t, acc_t>;
-  const auto first_argmax = avx2 ? avx2::first_argmax<acc_t> : base::first_argmax<acc_t>;
-  const auto options = metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const int64_t rows = num_tokens - layout.protected_tokens;  // non-protected tokens per batch row
-
-  // Stage 1, normalise: tokens into `normalised` [batch rows from first_row on, N, C] (protected rows left
-  // unset: never read), which hold a NaN, and per batch row the first B token that does. As torch.max: a
-  // score row with a NaN has the maximum NaN at its first NaN, which is column 0 when the A token holds a
-  // NaN, else the first B token that does (-1: none of the row's B tokens holds a NaN).
-  std::vector<uint8_t> has_nan(batch * num_tokens, 0);
-  std::vector<int64_t> first_nan_b(batch, -1);
-  const scalar_t* metric_data = metric.const_data_ptr<scalar_t>();
-  // Non-protected tokens [begin, end), flattened over batch rows.
-  const auto normalise_tokens = [&](int64_t begin, int64_t end, at::Tensor& normalised, int64_t first_row) {
-    acc_t* out = normalised.mutable_data_ptr<acc_t>();
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = (i / rows) * num_tokens + layout.protected_tokens + i % rows;
-      has_nan[n] = normalise_row(metric_data + n * channels, out + (n - first_row * num_tokens) * channels, channels);
-    }
-  };
-  const auto find_first_nan = [&](int64_t b) {
-    for (int64_t j = nb - 1; j >= 0; --j) {
-      if (has_nan[b * num_tokens + layout.b_position(j)]) first_nan_b[b] = j;
-    }
-  };
-
-  // Stage 2, score: a tile is a band of A rows of `rows_per_tile` batch rows against all their B rows, by
-  // at::bmm_out into a per-thread buffer (single-threaded inside the OpenMP region), then a max/argmax per
-  // A row. Strided views of the normalised tokens (row stride 2C) go to BLAS as they are: no
-  // de-interleaving copy.
-  std::vector<acc_t> best_score(batch * na, acc_t(0));
-  std::vector<int64_t> best_b(batch * na, 0);
-  const int64_t max_band = std::max<int64_t>(1, kBandScores / nb);
-  const int64_t bands = (na + max_band - 1) / max_band, band = (na + bands - 1) / bands;  // A rows per tile
-  const int64_t rows_per_tile = bands > 1 ? 1 : std::clamp<int64_t>(kTileScores / (na * nb), 1, batch);
-  const int64_t groups = (batch + rows_per_tile - 1) / rows_per_tile;
-  const auto new_buffer = [&] { return at::empty({rows_per_tile * band * nb}, options); };
-  const auto score_tile = [&](int64_t item, at::Tensor& buffer, const at::Tensor& normalised, int64_t first_row) {
-    const int64_t b0 = (item / bands) * rows_per_tile, count_rows = std::min(rows_per_tile, batch - b0);
-    const int64_t first = (item % bands) * band, count = std::min(band, na - first);
-    const at::Tensor tile_rows = normalised.narrow(0, b0 - first_row, count_rows);
-    at::Tensor scores = buffer.narrow(0, 0, count_rows * count * nb).view({count_rows, count, nb});
-    at::bmm_out(scores, tile_rows.slice(1, layout.first_a(), num_tokens, 2).narrow(1, first, count),
-                tile_rows.slice(1, layout.first_b(), num_tokens, 2).transpose(1, 2));
-    const acc_t* s = scores.const_data_ptr<acc_t>();
-    for (int64_t b = b0; b < b0 + count_rows; ++b) {
-      for (int64_t i = first; i < first + count; ++i, s += nb) {
-        const int64_t a = b * na + i;
-        const bool a_nan = has_nan[b * num_tokens + layout.a_position(i)];
-        if (a_nan || first_nan_b[b] >= 0) {
-          best_score[a] = std::numeric_limits<acc_t>::quiet_NaN();
-          best_b[a] = a_nan ? 0 : first_nan_b[b];
-        } else {
-          best_b[a] = first_argmax(s, nb, &best_score[a]);
-        }
-      }
-    }
-  };
-
-  // Stage 3, rank one batch row: stable descending sort of the best scores (ties -> lower A position); the
-  // first r are the sources, the rest unmerged (re-sorted by position when protected >= 1).
-  struct Scratch {
+class Matcher {
+ public:
+  struct Scratch {  // per thread, reused across batch rows
     std::vector<std::pair<acc_t, int64_t>> ranked;
     std::vector<uint8_t> merges;
   };
-  const auto rank_row = [&](int64_t b, Scratch& scratch) {
+
+  Matcher(const at::Tensor& metric, const Layout& layout, int64_t batch, int64_t* unm_idx, int64_t* src_idx,
+          int64_t* dst_idx)
+      : layout_(layout), batch_(batch), num_tokens_(layout.num_tokens), channels_(metric.size(2)),
+        na_(layout.num_a()), nb_(layout.num_b()), r_(layout.r), nu_(layout.num_unmerged()),
+        rows_(num_tokens_ - layout.protected_tokens), metric_(metric.const_data_ptr<scalar_t>()),
+        options_(metric.options().dtype(c10::CppTypeToScalarType<acc_t>::value)),
+        unm_idx_(unm_idx), src_idx_(src_idx), dst_idx_(dst_idx),
+        normalise_row_(use_avx2() ? avx2::normalise_row<scalar_t, acc_t> : base::normalise_row<scalar_t, acc_t>),
+        first_argmax_(use_avx2() ? avx2::first_argmax<acc_t> : base::first_argmax<acc_t>),
+        has_nan_(batch * num_tokens_, 0), first_nan_b_(batch, -1), best_score_(batch * na_, acc_t(0)),
+        best_b_(batch * na_, 0) {
+    // Tiles: a band of A rows of `rows_per_tile_` batch rows against all their B rows (see the file comment).
+    const int64_t max_band = std::max<int64_t>(1, kBandScores / nb_);
+    bands_ = (na_ + max_band - 1) / max_band;
+    band_ = (na_ + bands_ - 1) / bands_;
+    rows_per_tile_ = bands_ > 1 ? 1 : std::clamp<int64_t>(kTileScores / (na_ * nb_), 1, batch);
+    row_groups_ = (batch + rows_per_tile_ - 1) / rows_per_tile_;
+  }
+
+  // Whether tiles hold whole batch rows (ViT) rather than bands of one long row (DETR).
+  bool whole_rows() const { return bands_ == 1; }
+
+  // Stage 1, normalise: non-protected tokens [begin, end), flattened over batch rows, into `normalised`
+  // [batch rows from first_row on, N, C] (protected rows left unset: never read), noting which hold a NaN.
+  void normalise_tokens(int64_t begin, int64_t end, at::Tensor& normalised, int64_t first_row) {
+    acc_t* out = normalised.mutable_data_ptr<acc_t>();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = (i / rows_) * num_tokens_ + layout_.protected_tokens + i % rows_;
+      has_nan_[n] = normalise_row_(metric_ + n * channels_, out + (n - first_row * num_tokens_) * channels_,
+                                   channels_);
+    }
+  }
+
+  // As torch.max: a score row with a NaN has the maximum NaN at its first NaN, which is column 0 when the A
+  // token holds a NaN, else the first B token that does (-1: none of batch row b's B tokens holds a NaN).
+  void find_first_nan(int64_t b) {
+    for (int64_t j = nb_ - 1; j >= 0; --j) {
+      if (has_nan_[b * num_tokens_ + layout_.b_position(j)]) first_nan_b_[b] = j;
+    }
+  }
+
+  at::Tensor new_score_buffer() const { return at::empty({rows_per_tile_ * band_ * nb_}, options_); }
+  at::Tensor new_tile_tokens() const { return at::empty({rows_per_tile_, num_tokens_, channels_}, options_); }
+
+  // Stage 2, score tile `item` by at::bmm_out into `buffer` (single-threaded inside the OpenMP region), then
+  // a max/argmax per A row. Strided views of the normalised tokens (row stride 2C) go to BLAS as they are: no
+  // de-interleaving copy.
+  void score_tile(int64_t item, at::Tensor& buffer, const at::Tensor& normalised, int64_t first_row) {
+    const int64_t b0 = (item / bands_) * rows_per_tile_, count_rows = std::min(rows_per_tile_, batch_ - b0);
+    const int64_t first = (item % bands_) * band_, count = std::min(band_, na_ - first);
+    const at::Tensor tile_rows = normalised.narrow(0, b0 - first_row, count_rows);
+    at::Tensor scores = buffer.narrow(0, 0, count_rows * count * nb_).view({count_rows, count, nb_});
+    at::bmm_out(scores, tile_rows.slice(1, layout_.first_a(), num_tokens_, 2).narrow(1, first, count),
+                tile_rows.slice(1, layout_.first_b(), num_tokens_, 2).transpose(1, 2));
+    const acc_t* s = scores.const_data_ptr<acc_t>();
+    for (int64_t b = b0; b < b0 + count_rows; ++b) {
+      for (int64_t i = first; i < first + count; ++i, s += nb_) {
+        const int64_t a = b * na_ + i;
+        const bool a_nan = has_nan_[b * num_tokens_ + layout_.a_position(i)];
+        if (a_nan || first_nan_b_[b] >= 0) {
+          best_score_[a] = std::numeric_limits<acc_t>::quiet_NaN();
+          best_b_[a] = a_nan ? 0 : first_nan_b_[b];
+        } else {
+          best_b_[a] = first_argmax_(s, nb_, &best_score_[a]);
+        }
+      }
+    }
+  }
+
+  // Stage 3, rank batch row b: stable descending sort of the best scores (ties -> lower A position); the
+  // first r are the sources, the rest unmerged (re-sorted by position when protected >= 1).
+  void rank_row(int64_t b, Scratch& scratch) {
     auto& ranked = scratch.ranked;
-    ranked.resize(na);
+    ranked.resize(na_);
     // Descending score, NaN first (as torch.sort), ties to the lower A position: a total order on
     // (score, position), so an unstable sort of contiguous pairs gives the stable sort's result.
     const auto before = [](const auto& x, const auto& y) {
       return x.first > y.first || (x.first == y.first && x.second < y.second);
     };
-    for (int64_t i = 0; i < na; ++i) {
-      const acc_t score = best_score[b * na + i];
+    for (int64_t i = 0; i < na_; ++i) {
+      const acc_t score = best_score_[b * na_ + i];
       ranked[i] = {std::isnan(score) ? std::numeric_limits<acc_t>::infinity() : score, i};
     }
     // With protected tokens the unmerged stay in position order, so only the r best need sorting.
-    const bool by_position = layout.protected_tokens >= 1;
+    const bool by_position = layout_.protected_tokens >= 1;
     if (by_position) {
-      std::partial_sort(ranked.begin(), ranked.begin() + r, ranked.end(), before);
+      std::partial_sort(ranked.begin(), ranked.begin() + r_, ranked.end(), before);
     } else {
       std::sort(ranked.begin(), ranked.end(), before);
     }
-    for (int64_t k = 0; k < r; ++k) {
-      src_idx[b * r + k] = layout.a_position(ranked[k].second);
-      dst_idx[b * r + k] = layout.b_position(best_b[b * na + ranked[k].second]);
+    for (int64_t k = 0; k < r_; ++k) {
+      src_idx_[b * r_ + k] = layout_.a_position(ranked[k].second);
+      dst_idx_[b * r_ + k] = layout_.b_position(best_b_[b * na_ + ranked[k].second]);
     }
     if (by_position) {
-      scratch.merges.assign(na, 0);
-      for (int64_t k = 0; k < r; ++k) scratch.merges[ranked[k].second] = 1;
-      for (int64_t i = 0, k = 0; i < na; ++i) {
-        if (!scratch.merges[i]) unm_idx[b * nu + k++] = layout.a_position(i);
+      scratch.merges.assign(na_, 0);
+      for (int64_t k = 0; k < r_; ++k) scratch.merges[ranked[k].second] = 1;
+      for (int64_t i = 0, k = 0; i < na_; ++i) {
+        if (!scratch.merges[i]) unm_idx_[b * nu_ + k++] = layout_.a_position(i);
       }
     } else {
-      for (int64_t k = 0; k < nu; ++k) unm_idx[b * nu + k] = layout.a_position(ranked[r + k].second);
+      for (int64_t k = 0; k < nu_; ++k) unm_idx_[b * nu_ + k] = layout_.a_position(ranked[r_ + k].second);
     }
-  };
+  }
 
-  if (bands == 1) {
-    // Tiles hold whole batch rows: each tile goes through the three stages at once, in one parallel region
-    // (no barrier between stages, no serial ranking, its rows still in cache): ~10% faster at ViT-B batch 32.
-    // The normalised tokens live in a per-thread tile buffer (L2-sized) instead of a [batch, N, C] tensor:
-    // 1.6 MB less to allocate and to pass through the caches per call at ViT-B batch 32.
-    const int64_t tile_grain = std::max<int64_t>(1, 8 * kGrainElements / (rows_per_tile * na * nb * channels + 1));
-    parallel_chunks(groups, tile_grain, [&](int64_t begin, int64_t end) {
-      at::Tensor buffer = new_buffer();
-      at::Tensor tile_tokens = at::empty({rows_per_tile, num_tokens, channels}, options);
+  // Driver for tiles of whole batch rows (ViT): each tile goes through the three stages at once, in one
+  // parallel region (no barrier between stages, no serial ranking, its rows still in cache), with its
+  // normalised tokens in a per-thread, L2-sized buffer instead of a [batch, N, C] tensor.
+  void run_whole_rows() {
+    const int64_t grain =
+        std::max<int64_t>(1, 8 * kGrainElements / (rows_per_tile_ * na_ * nb_ * channels_ + 1));
+    parallel_chunks(row_groups_, grain, [&](int64_t begin, int64_t end) {
+      at::Tensor buffer = new_score_buffer(), tile_tokens = new_tile_tokens();
       Scratch scratch;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b0 = item * rows_per_tile, b1 = std::min(batch, b0 + rows_per_tile);
-        normalise_tokens(b0 * rows, b1 * rows, tile_tokens, b0);
+        const int64_t b0 = item * rows_per_tile_, b1 = std::min(batch_, b0 + rows_per_tile_);
+        normalise_tokens(b0 * rows_, b1 * rows_, tile_tokens, b0);
         for (int64_t b = b0; b < b1; ++b) find_first_nan(b);
         score_tile(item, buffer, tile_tokens, b0);
         for (int64_t b = b0; b < b1; ++b) rank_row(b, scratch);
       }
     });
-    return;
   }
-  // Long rows (DETR): a stage at a time, each parallel over its own items.
-  at::Tensor normalised = at::empty({batch, num_tokens, channels}, options);
-  parallel_chunks(batch * rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(channels, 1)),
-                  [&](int64_t begin, int64_t end) { normalise_tokens(begin, end, normalised, 0); });
-  for (int64_t b = 0; b < batch; ++b) find_first_nan(b);
-  const int64_t tile_grain = std::max<int64_t>(1, 8 * kGrainElements / (band * nb * channels + 1));
-  parallel_chunks(groups * bands, tile_grain, [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = new_buffer();
-    for (int64_t item = begin; item < end; ++item) score_tile(item, buffer, normalised, 0);
-  });
-  const int64_t rank_grain = std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1));
-  parallel_chunks(batch, rank_grain, [&](int64_t begin, int64_t end) {
-    Scratch scratch;
-    for (int64_t b = begin; b < end; ++b) rank_row(b, scratch);
-  });
+
+  // Driver for long rows (DETR): a stage at a time, each parallel over its own items.
+  void run_by_stage() {
+    at::Tensor normalised = at::empty({batch_, num_tokens_, channels_}, options_);
+    parallel_chunks(batch_ * rows_, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(channels_, 1)),
+                    [&](int64_t begin, int64_t end) { normalise_tokens(begin, end, normalised, 0); });
+    for (int64_t b = 0; b < batch_; ++b) find_first_nan(b);
+    const int64_t tile_grain = std::max<int64_t>(1, 8 * kGrainElements / (band_ * nb_ * channels_ + 1));
+    parallel_chunks(row_groups_ * bands_, tile_grain, [&](int64_t begin, int64_t end) {
+      at::Tensor buffer = new_score_buffer();
+      for (int64_t item = begin; item < end; ++item) score_tile(item, buffer, normalised, 0);
+    });
+    const int64_t rank_grain = std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na_, 1));
+    parallel_chunks(batch_, rank_grain, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t b = begin; b < end; ++b) rank_row(b, scratch);
+    });
+  }
+
+ private:
+  using NormaliseRow = bool (*)(const scalar_t*, acc_t*, int64_t);
+  using FirstArgmax = int64_t (*)(const acc_t*, int64_t, acc_t*);
+
+  const Layout layout_;
+  const int64_t batch_, num_tokens_, channels_, na_, nb_, r_, nu_;
+  const int64_t rows_;  // non-protected tokens per batch row
+  const scalar_t* metric_;
+  const at::TensorOptions options_;
+  int64_t *unm_idx_, *src_idx_, *dst_idx_;
+  const NormaliseRow normalise_row_;
+  const FirstArgmax first_argmax_;
+  int64_t bands_, band_;  // bands per batch row, A rows per band
+  int64_t rows_per_tile_, row_groups_;  // batch rows per tile, tiles of batch rows
+  std::vector<uint8_t> has_nan_;      // [batch, N]
+  std::vector<int64_t> first_nan_b_;  // [batch]
+  std::vector<acc_t> best_score_;     // [batch, nA]
+  std::vector<int64_t> best_b_;       // [batch, nA]
+};
+
+// The A tokens in order when nothing merges (no scores needed).
+void fill_unmerged_in_order(const Layout& layout, int64_t batch, int64_t* unm_idx) {
+  const int64_t na = layout.num_a();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t k = 0; k < na; ++k) unm_idx[b * na + k] = layout.a_position(k);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
@@ -212,11 +243,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
   at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
   at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
   at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
-  if (batch == 0) return {unm_idx, src_idx, dst_idx};  // the tiling below divides by the batch
+  // The op layer sends neither an empty batch (the tiling divides by it) nor r = 0; direct calls may.
+  if (batch == 0) return {unm_idx, src_idx, dst_idx};
+  if (layout.r == 0) {
+    fill_unmerged_in_order(layout, batch, unm_idx.mutable_data_ptr<int64_t>());
+    return {unm_idx, src_idx, dst_idx};
+  }
   dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
-    match_kernel<decltype(data), decltype(accum)>(metric, layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
-                                                  src_idx.mutable_data_ptr<int64_t>(),
-                                                  dst_idx.mutable_data_ptr<int64_t>());
+    Matcher<decltype(data), decltype(accum)> matcher(metric, layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
+                                                     src_idx.mutable_data_ptr<int64_t>(),
+                                                     dst_idx.mutable_data_ptr<int64_t>());
+    if (matcher.whole_rows()) {
+      matcher.run_whole_rows();
+    } else {
+      matcher.run_by_stage();
+    }
   });
   return {unm_idx, src_idx, dst_idx};
 }

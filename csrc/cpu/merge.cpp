@@ -169,12 +169,14 @@ const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// [batch, N] sizes as a contiguous tensor of the accumulation dtype (undefined when absent).
+// [batch, N] sizes as a contiguous tensor of the accumulation dtype (undefined when absent); with
+// `check_values`, their values are checked first, in their own dtype.
 at::Tensor weights(const std::optional<at::Tensor>& size, const char* name, int64_t batch, int64_t num_tokens,
-                   at::ScalarType acc) {
+                   at::ScalarType acc, bool check_values = false) {
   if (!size.has_value()) return {};
   check_float(name, *size, 2);
   check_shape(name, *size, {batch, num_tokens});
+  if (check_values) check_size_values(size->contiguous(), acc, /*allow_zero=*/false);
   return size->to(acc).contiguous();
 }
 
@@ -188,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge(const at::Tensor& x_in, con
   const int64_t batch = x_in.size(0), num_tokens = x_in.size(1), channels = x_in.size(2);
   const Groups g(unm_idx, src_idx, dst_idx, batch, num_tokens, protected_tokens);
   const auto acc = acc_dtype(x_in.scalar_type());
-  const at::Tensor weight = weights(size, "size", batch, num_tokens, acc);
-  if (weight.defined()) check_size_values(weight, /*allow_zero=*/false);
+  const at::Tensor weight = weights(size, "size", batch, num_tokens, acc, /*check_values=*/true);
   at::Tensor pos;
   if (pos_in.has_value()) {
     check_float("pos", *pos_in, 3);

@@ -300,13 +300,7 @@ Shapes check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   check_float(v, "v", 4);
   check_device(k, "k", q);
   check_device(v, "v", q);
-  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-                   "tome: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-                   v.scalar_type());
-  TORCH_CHECK_VALUE(
-      k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-      "tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got q ", q.sizes(), ", k ", k.sizes(),
-      ", v ", v.sizes());
+  tome::check_qkv(q, k, v);
   TORCH_CHECK_VALUE(q.size(3) <= kMaxHeadDim, "tome: the CUDA attention takes head dims up to ", kMaxHeadDim, ", got ",
                     q.size(3));
   return {q.size(0), q.size(1), q.size(2), k.size(2), static_cast<int>(q.size(3))};

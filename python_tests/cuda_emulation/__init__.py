@@ -18,6 +18,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 NAMESPACE = "tome_emu"
+BACKEND_NAME = "cuda_emulation"
 NATIVE_OPS = ("_native_match", "_native_merge", "_native_bipartite_merge", "_native_merge_backward",
               "_native_unmerge", "_native_unmerge_backward", "_native_attention", "_native_attention_backward")
 
@@ -57,7 +58,7 @@ def default_build_dir() -> str:
 
 
 def build(build_dir: str | os.PathLike | None = None) -> None:
-    """Compile (ninja rebuilds only what changed, about 2 minutes from scratch) and load the emulated
+    """Compile (ninja rebuilds only what changed; build times in docs/CUDA.md) and load the emulated
     kernels into ``torch.ops.tome_emu``."""
     build_dir = build_dir or default_build_dir()
     import tome_kernels  # noqa: F401  (defines the tome schemas copied below)
@@ -84,18 +85,24 @@ def build(build_dir: str | os.PathLike | None = None) -> None:
          is_python_module=False, verbose=False)
 
 
+def backend():
+    """The emulated CUDA kernels as a tome backend, ``cuda_emulation``: CPU tensors, chosen by name only
+    (never by ``auto``), registered once. It is the ``cuda`` backend's class on another op namespace, and
+    like the ``cuda`` backend it leaves index and size values to the Python layer (which checks them for CPU
+    tensors) and device asserts."""
+    import tome_kernels
+    from tome_kernels._native import NativeBackend
+
+    if BACKEND_NAME not in tome_kernels.backend_names():
+        tome_kernels.register_backend(NativeBackend(BACKEND_NAME, "cpu", "CPU", priority=0, namespace=NAMESPACE,
+                                                    auto=False))
+    return BACKEND_NAME
+
+
 @contextlib.contextmanager
 def routed():
-    """Inside, the public tome ops send CPU tensors to the emulated CUDA kernels, the way the ``cuda``
-    backend sends CUDA tensors to the real ones (the same tome_kernels._native functions)."""
-    from tome_kernels import _native, _ops
+    """Inside, the public tome ops send CPU tensors to the emulated CUDA kernels (calling thread only)."""
+    import tome_kernels
 
-    saved = _native._native, _ops.resolve, _native.CHECKS_CPU_VALUES
-    # The CUDA kernels leave index and size values to the Python layer (and device asserts), which checks
-    # them for CPU tensors unless the backend says it does so itself, as the cpu kernels do.
-    _native._native, _ops.resolve = getattr(torch.ops, NAMESPACE), (lambda device: _native)
-    _native.CHECKS_CPU_VALUES = False
-    try:
+    with tome_kernels.use_backend(backend()):
         yield
-    finally:
-        _native._native, _ops.resolve, _native.CHECKS_CPU_VALUES = saved

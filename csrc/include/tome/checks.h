@@ -1,5 +1,7 @@
 // Host-side argument checks shared by the C++ CPU and CUDA kernels: one clear ValueError / TypeError naming
-// the argument (TORCH_CHECK_VALUE / _TYPE), before any kernel runs.
+// the argument (TORCH_CHECK_VALUE / _TYPE), before any kernel runs. The messages are those of
+// tome_kernels/_validation.py, which checks the same before any backend runs: these repeat them for direct
+// calls of the torch.ops.tome._native_* ops (docs/ARCHITECTURE.md: which layer checks what).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +19,20 @@ inline void check_float(const char* name, const at::Tensor& t, int64_t dim) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
                    "tome: ", name, " must be float16, bfloat16, float32 or float64, got ", dtype);
+}
+
+// q [B, H, Nq, D], k and v [B, H, Nk, D], of one float dtype.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_float("q", q, 4);
+  check_float("k", k, 4);
+  check_float("v", v, 4);
+  TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                   "tome: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(
+      k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+      "tome: attention shapes must be q [B, H, Nq, D], k and v [B, H, Nk, D], got q ", q.sizes(), ", k ", k.sizes(),
+      ", v ", v.sizes());
 }
 
 // `protected` leading tokens of N, in [0, N].
