@@ -1,8 +1,9 @@
 """ToMe for timm Vision Transformers (timm 1.0.x), patched per instance.
 
-``apply_patch(model)`` swaps the class of ``model``, of each of its ``Block`` s and of each block's
-``Attention`` for a ToMe subclass (created once per original class); ``unpatch(model)`` swaps them back.
-Nothing in timm is modified, so unpatched models in the same process are unaffected.
+``tome_kernels.patch.timm(model)`` swaps the class of ``model``, of each of its ``Block`` s and of each
+block's ``Attention`` for a ToMe subclass (``_toolkit.swap_class``); ``tome_kernels.patch.unpatch(model)``
+swaps them back. Nothing in timm is modified, so unpatched models in the same process are unaffected.
+RoPE models (``Eva``) are patched by ``timm_eva`` through the same call.
 
 Each patched block (pre-norm, as timm's ``Block``)::
 
@@ -11,13 +12,13 @@ Each patched block (pre-norm, as timm's ``Block``)::
     x, size = bipartite_merge(x, size, r_layer, metric, protected=num_prefix_tokens)
     x = x + drop_path2(ls2(mlp(norm2(x))))
 
-Attention is proportional, ``softmax(q kᵀ · scale + log size) v`` (``torch.ops.tome.prop_attention``, or
-SDPA with a log-size bias: ``attn_impl``), once tokens have merged and ``prop_attn`` is set; before the
-first merge (all sizes 1), or without ``prop_attn``, it is timm's own path (``F.scaled_dot_product_attention``
-when ``fused_attn``), so r = 0 reproduces the unpatched model. Prefix tokens (class, distillation, registers: ``num_prefix_tokens``)
-never merge. Pooling: ``avg`` / ``avgmax`` weight each token by its size (prefix tokens excluded unless
-``pool_include_prefix``, as timm); ``map`` attention pooling adds ``log size`` to its logits when
-``prop_attn``; ``token`` / ``max`` / distilled heads read tokens that merging leaves in place.
+Attention is proportional, ``softmax(q kᵀ · scale + log size) v`` (``torch.ops.tome.prop_attention``, or SDPA
+with a log-size bias: ``attn_impl``), once tokens have merged and ``prop_attn`` is set; before the first merge
+(all sizes 1), or without ``prop_attn``, it is timm's own path (``F.scaled_dot_product_attention`` when
+``fused_attn``), so r = 0 reproduces the unpatched model. Prefix tokens (class, distillation, registers:
+``num_prefix_tokens``) never merge. Pooling: ``avg`` / ``avgmax`` weight each token by its size (prefix tokens
+excluded unless ``pool_include_prefix``, as timm); ``map`` attention pooling adds ``log size`` to its logits
+when ``prop_attn``; ``token`` / ``max`` / distilled heads read tokens that merging leaves in place.
 
 The state of one forward (per-layer r, sizes, source) is a per-call object (see ``_toolkit``), so threads can
 share one patched model, and ``torch.compile`` / ``torch.export`` trace it. ``model._tome_info`` holds the
@@ -212,17 +213,16 @@ def timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True, *
          attn_impl: str = "auto", pos_mode: str = "keep") -> nn.Module:
     """Make ``model`` (a timm ``VisionTransformer`` or ``Eva``) a ToMe model in place and return it.
 
-    ``r``: merges per layer (see :func:`tome_kernels.patch.parse_r`; also ``model.r = ...`` later); None keeps the current
-    value of a patched model, else 0. ``trace_source``: keep ``model._tome_info["source"]`` ([B, N, N0], which
-    input tokens each output token holds; for visualisation). ``prop_attn``: proportional attention (the
-    paper's default for off-the-shelf models; turn off for models trained with ToMe without it).
+    ``r``: merges per layer (see :func:`tome_kernels.patch.parse_r`; also ``model.r = ...`` later); None keeps
+    the current value of a patched model, else 0. ``trace_source``: keep ``model._tome_info["source"]`` ([B, N,
+    N0], which input tokens each output token holds; for visualisation). ``prop_attn``: proportional attention
+    (the paper's default for off-the-shelf models; turn off for models trained with ToMe without it).
     ``attn_impl``: how proportional attention runs: ``"op"`` (``torch.ops.tome.prop_attention``), ``"sdpa"``
     (``F.scaled_dot_product_attention`` with a ``log size`` float mask: same function) or ``"auto"``
     (``"sdpa"`` on CPU, where it is the faster one; on a GPU ``"op"`` when a compiled tome backend serves it;
-    ``"op"`` whenever a backend was chosen by hand; decided now, for the device the model is on).
-    ``pos_mode`` (RoPE models only): the rotary position of a merged token, ``"keep"`` its B destination's,
-    ``"mean"`` the size-weighted mean of the rotation tables (see ``timm_eva``). Patching a patched model
-    updates the flags.
+    ``"op"`` whenever a backend was chosen by hand; decided now, for the device the model is on). ``pos_mode``
+    (RoPE models only): the rotary position of a merged token, ``"keep"`` its B destination's, ``"mean"`` the
+    size-weighted mean of the rotation tables (see ``timm_eva``). Patching a patched model updates the flags.
     """
     if _is_eva(model):
         from .timm_eva import patch_eva
