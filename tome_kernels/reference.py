@@ -28,8 +28,8 @@ from ._backend import ANY_DEVICE, Backend
 from ._validation import accumulate_dtype as _accumulate_dtype
 
 # The layout is part of the spec: these names are also read as ``reference.<name>`` by the kernels' tests.
-from .layout import (a_positions, b_output_index, b_positions, clamp_r, first_a, first_b, groups,  # noqa: F401
-                     num_a, num_b, representatives)
+from .layout import (a_positions, b_positions, clamp_r, first_a, first_b, groups, num_a, num_b,  # noqa: F401
+                     representatives)
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
 
