@@ -126,8 +126,9 @@ def coco_set(tmp_path_factory):
         crop.resize((160, 128)).save(root / "images" / f"{index}.jpg")
         images.append({"id": index + 1, "file_name": f"{index}.jpg", "height": 128, "width": 160})
         for j, box in enumerate(([10, 20, 50, 40], [70, 30, 60, 80])):
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": [1, 3, 5][j + index % 2],
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
+                                "category_id": [1, 3, 5][j + index % 2], "bbox": box, "area": box[2] * box[3],
+                                "iscrowd": 0})
     path = root / "instances.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return root / "images", path

@@ -5,8 +5,8 @@
 
 The task: the 1,797 8×8 handwritten digits of ``sklearn.datasets.load_digits`` (they ship inside the
 package), upsampled to 32×32 and cut into 4×4 patches: 64 patch tokens and a class token. A fixed, seeded
-split keeps 500 images for testing. Training shifts each image by up to 2 pixels (drawn from the run's
-seeded generator), AdamW with a cosine schedule.
+split keeps 500 images for testing. Training shifts each image by up to ``MAX_SHIFT`` pixels (drawn from
+the run's seeded generator); AdamW with a cosine schedule.
 
 Under ``torchrun`` (gloo, CPU) every rank draws the same global batch and takes its own
 contiguous slice of it; ``DistributedDataParallel`` averages the gradients, so a run with W ranks follows
@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(prog="python -m tome_kernels.train", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64, help="global batch (split over the ranks)")
-    parser.add_argument("--tome-r", type=int, default=4, help="ToMe merges per block while training (0: no merging; not --r, which torchrun would take as a prefix of its own options)")
+    # Not --r: torchrun would take it as an abbreviation of its own --rdzv-* options.
+    parser.add_argument("--tome-r", type=int, default=4, help="ToMe merges per block while training (0: none)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--losses", default=None, help="write the per-step losses to this JSON file")
