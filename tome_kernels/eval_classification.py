@@ -52,16 +52,7 @@ def load_timm(name: str, pretrained: bool, checkpoint: str | None, model_kwargs:
 
     model = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint or "", **(model_kwargs or {}))
     model.eval()
-    transform = timm_transform(model)
-    try:
-        tome_kernels.patch.timm(model)
-    except TypeError as error:
-        raise SystemExit(f"eval_classification: no ToMe patch for timm model {name!r}: {error}") from None
-
-    def set_r(r: int) -> None:
-        model.r = r
-
-    return Classifier(name, model, transform, model, set_r)
+    return Classifier(name, model, timm_transform(model), model, patch(model, name))
 
 
 def timm_transform(model: nn.Module):
@@ -86,7 +77,7 @@ def load_hf(name: str) -> Classifier:
     except (OSError, ValueError) as error:
         raise SystemExit(f"eval_classification: no image processor for {name!r} (save one beside the model with "
                          f"processor.save_pretrained): {error}") from None
-    set_r = hf_patcher(model)
+    set_r = patch(model, name)
 
     def transform(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -97,17 +88,14 @@ def load_hf(name: str) -> Classifier:
     return Classifier(name, model, transform, logits, set_r)
 
 
-def hf_patcher(model: nn.Module) -> Callable[[int], None]:
-    """Patch a transformers model with the generic ``tome_kernels.patch.apply_patch`` (its family registry)
-    and return the r setter; a clear error for a family without a ToMe patch."""
-    apply_patch = getattr(tome_kernels.patch, "apply_patch", None)
-    if apply_patch is None:
-        raise SystemExit(f"eval_classification: this tome_kernels has no ToMe patch for transformers "
-                         f"{type(model).__name__} (only timm VisionTransformer models)")
+def patch(model: nn.Module, name: str) -> Callable[[int], None]:
+    """Patch ``model`` with ``tome_kernels.patch.apply_patch`` (its family registry: timm ViTs and Evas, and
+    the transformers families this build has) and return the r setter; one clear error for a model without
+    a ToMe patch."""
     try:
-        apply_patch(model, r=0)
+        tome_kernels.patch.apply_patch(model)
     except TypeError as error:
-        raise SystemExit(f"eval_classification: {error}") from None
+        raise SystemExit(f"eval_classification: no ToMe patch for {name!r}: {error}") from None
 
     def set_r(r: int) -> None:
         model.r = r
