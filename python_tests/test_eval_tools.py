@@ -131,18 +131,26 @@ def coco_set(tmp_path_factory):
     return root / "images", path
 
 
-def _tiny_detr(directory, labels):
-    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+def _tiny_detr(directory, labels, deformable=False):
+    from transformers import (DeformableDetrConfig, DeformableDetrForObjectDetection, DeformableDetrImageProcessor,
+                              DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig)
 
     torch.manual_seed(0)
+    stages = ["stage2", "stage3", "stage4"] if deformable else ["stage4"]
     backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], layer_type="basic",
-                            out_features=["stage4"])
-    config = DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
-                        encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-                        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_labels=len(labels),
-                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    DetrForObjectDetection(config).save_pretrained(directory)
-    DetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 160}).save_pretrained(directory)
+                            out_features=stages)
+    # Deformable DETR with one decoder layer fails transformers 5.23's weight-tying check (bbox_embed): two.
+    settings = dict(backbone_config=backbone, d_model=32, encoder_layers=2, decoder_layers=2 if deformable else 1,
+                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    num_queries=10, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={n: i for i, n in enumerate(labels)})
+    model_cls, config_cls, processor_cls = ((DeformableDetrForObjectDetection, DeformableDetrConfig,
+                                             DeformableDetrImageProcessor) if deformable else
+                                            (DetrForObjectDetection, DetrConfig, DetrImageProcessor))
+    if not deformable:
+        settings.update(use_timm_backbone=False, use_pretrained_backbone=False)
+    model_cls(config_cls(**settings)).save_pretrained(directory)
+    processor_cls(size={"shortest_edge": 128, "longest_edge": 160}).save_pretrained(directory)
 
 
 def test_detection_detr_local_dir(coco_set, tmp_path, capsys):
@@ -157,6 +165,24 @@ def test_detection_detr_local_dir(coco_set, tmp_path, capsys):
         assert row["detections"] > 0  # every label but "boat" maps to a category by name
     out = capsys.readouterr().out
     assert "AP50" in out and "img/s" in out and out.count("\n") >= 4
+
+
+def test_detection_deformable_local_dir(coco_set, tmp_path):
+    import tome_kernels.patch
+
+    images, annotations = coco_set
+    _tiny_detr(tmp_path / "deformable", ["plane", "person", "car"], deformable=True)
+    argv = ["--model", str(tmp_path / "deformable"), "--images", str(images), "--annotations", str(annotations),
+            "--ratio", "0", "0.5", "--no-progress"]
+    if getattr(tome_kernels.patch, "deformable_detr", None) is None:  # a build without the Deformable DETR patch
+        with pytest.raises(SystemExit, match="no ToMe patch for DeformableDetrForObjectDetection"):
+            eval_detection.main(argv)
+        return
+    rows = eval_detection.main(argv)
+    assert [row["setting"] for row in rows] == [{"ratio": 0.0}, {"ratio": 0.5}]
+    assert all(row["images"] == 3 and row["detections"] > 0 and 0.0 <= row["ap"] <= 100.0 for row in rows)
+    with pytest.raises(SystemExit, match="takes --ratio"):
+        eval_detection.main(argv[:-4] + ["--er", "8", "--no-progress"])
 
 
 def test_detection_category_map(coco_set, tmp_path):

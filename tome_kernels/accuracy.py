@@ -226,7 +226,7 @@ def write_markdown(path: str, args, rs, tokens, table, speed_rows, seconds: dict
             row = speed[r]
             lines.append(f"| {r} | {counts} | {accs} | {row['img_s']:.0f} | {row['speedup']:.2f}× | "
                          f"{free[r]['speedup']:.2f}× | {row['ceiling']:.2f}× |")
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_name()
     with open(path, "w") as f:
         f.write(_TEMPLATE.format(
             command=f"python -m tome_kernels.accuracy{' ' + ' '.join(args.argv) if args.argv else ''}",
@@ -234,6 +234,15 @@ def write_markdown(path: str, args, rs, tokens, table, speed_rows, seconds: dict
             verdicts="\n".join(_verdicts(rs, table, args.train_r)), png=os.path.basename(png),
             torch=torch.__version__, cpu=cpu, rounds=args.rounds, speed_batch=args.speed_batch,
             train_s=seconds["train"], total_s=seconds["total"], load=_load(), params=params / 1e6, shift=MAX_SHIFT))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]}, {len(names)} logical CPUs" if names else platform.processor() or platform.machine()
 
 
 def _load() -> str:
@@ -261,7 +270,7 @@ class-token attention where ToMe merges r pairs; *random merging* merges r rando
 size-weighted averaging and proportional attention. Speed: images per CPU-second of the ToMe model at
 batch {speed_batch}, one thread, against the unpatched model and a "free merge" (the unpatched model
 dropping tokens to the same counts: ToMe with merging at no cost), median of {rounds} round-robin rounds
-({torch}, {cpu}, {load}).
+(torch {torch}, {cpu}, {load}).
 
 {table}
 
