@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tome_kernels
 import tome_kernels.patch
 from tome_kernels import reference
 from tome_kernels.bench_model import (Workload, report, time_workload, vit_flops, vit_free_merge_forward,
@@ -260,7 +259,8 @@ MLP ×2, class-token pooling) on scikit-learn's handwritten digits upsampled to 
 patches: 64 patch tokens and a class token. 1,297 training images (shifted by up to {shift} pixel), 500 held
 out. Both models: {steps} steps of batch {batch}, AdamW, cosine schedule, seed {seed}; one without merging,
 one with ToMe at r = {train_r} in every block (gradients through `torch.ops.tome.bipartite_merge`,
-proportional attention). Training took {train_s:.0f} s, the whole command {total_s:.0f} s here.
+proportional attention). Training took {train_s:.0f} s and the whole command {total_s:.0f} s on the machine
+of the speed figures below (with its load).
 
 ![accuracy and speed against r]({png})
 
