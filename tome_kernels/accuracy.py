@@ -280,7 +280,7 @@ dropping tokens to the same counts: ToMe with merging at no cost), median of {ro
 
 The variants differ in one thing each. Random merging shares everything with ToMe (size-weighted averages,
 proportional attention, token counts) except the choice of pairs: the gap between them is what matching
-similar tokens buys. Pruning keeps the same tokens per block but discards the rest instead of averaging
+similar tokens buys. Pruning keeps as many tokens per block but discards the rest instead of averaging
 them into a neighbour: the gap to it is what keeping their content buys. The model trained with merging
 has learned with averaged tokens and the log-size bias, so it loses less where the off-the-shelf model
 meets many merged tokens for the first time.
@@ -289,8 +289,8 @@ meets many merged tokens for the first time.
 
 This is a toy: 10 classes, 8×8 source images (each patch token is about one original pixel), a model of
 {params:.2f} M parameters trained for minutes, 500 test images (one image is 0.2 points). Digits have a
-large uniform background, whose tokens are redundant. Expect the ordering at equal token counts and the
-benefit of training with merging to carry over to real models; not the size of each gap, the r at which
+large uniform background, whose tokens are redundant. What is likely to carry over to real models is
+the ordering at equal token counts and the benefit of training with merging; not the size of each gap, the r at which
 accuracy falls, or the speed: on a model this small fixed per-layer costs weigh more than on ViT-B, whose
 throughput is in [BENCHMARKS.md](BENCHMARKS.md). For real weights and data, measure with
 `python -m tome_kernels.eval_classification` (and `eval_detection` for DETR).
