@@ -192,7 +192,7 @@ class _ToMeYolosEncoder:
         tokens = _Tokens(info, num_layers, mid, self.config.num_detection_tokens)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and any(tokens.r):
             raise NotImplementedError("tome: gradient checkpointing would recompute the layers with the last "
-                                      "layer's token state; call model.gradient_checkpointing_disable()")
+                                      "layer's token state; call model.activation_checkpointing_disable()")
 
         for index, layer_module in enumerate(self.layer):
             hidden_states = layer_module(hidden_states, tome_tokens=tokens)
