@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 import tome_kernels  # noqa: E402
 from tome_kernels import bench_model, reference  # noqa: E402
-from tome_kernels.patch import hf_yolos  # noqa: E402
+import tome_kernels.patch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:tome_kernels. no compiled backend")
 
@@ -104,7 +104,7 @@ def test_r0_matches_unpatched(detector, attn, mid):
     x = images(model)
     with torch.no_grad():
         expected = model(x)
-        hf_yolos.apply_patch(model, trace_source=True)
+        tome_kernels.patch.apply_patch(model, trace_source=True)
         assert model.r == 0
         out = model(x)
     assert type(model).__name__ == ("YolosForObjectDetection" if detector else "YolosModel")
@@ -125,7 +125,7 @@ def test_matches_independent_tome(pos_mode, attn):
     r = [3, 5, 2]
     with torch.no_grad():
         logits, boxes, size, source = tome_forward(model, x, r, pos_mode, prop_attn)
-        hf_yolos.apply_patch(model, trace_source=True, prop_attn=prop_attn, pos_mode=pos_mode,
+        tome_kernels.patch.apply_patch(model, trace_source=True, prop_attn=prop_attn, pos_mode=pos_mode,
                              attn_impl=attn if prop_attn else "op")
         model.r = r
         out = model(x)
@@ -137,7 +137,7 @@ def test_matches_independent_tome(pos_mode, attn):
 
 @pytest.mark.parametrize("r", [100, (6, 1), [0, 0, 9]])
 def test_class_and_detection_tokens_never_merge(r):
-    model = hf_yolos.apply_patch(make(torch.float32), trace_source=True)
+    model = tome_kernels.patch.apply_patch(make(torch.float32), trace_source=True)
     model.r = r
     x = images(model)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_class_and_detection_tokens_never_merge(r):
 
 def test_batch_rows_are_independent():
     """YOLOS takes no pixel mask; images in a batch merge on their own, so a batch equals its single images."""
-    model = hf_yolos.apply_patch(make())
+    model = tome_kernels.patch.apply_patch(make())
     model.r = 4
     x = images(model, batch=3)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_batch_rows_are_independent():
 
 
 def test_other_image_size_interpolates():
-    model = hf_yolos.apply_patch(make())
+    model = tome_kernels.patch.apply_patch(make())
     model.r = 3
     with torch.no_grad():
         out = model(images(model, size=(48, 112)))  # 3 x 7 patches: the position embeddings are interpolated
@@ -175,7 +175,7 @@ def test_other_image_size_interpolates():
 
 
 def test_compile_fullgraph():
-    model = hf_yolos.apply_patch(make(torch.float32), trace_source=True, attn_impl="op")
+    model = tome_kernels.patch.apply_patch(make(torch.float32), trace_source=True, attn_impl="op")
     model.r = 4
     x = images(model)
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_compile_fullgraph():
 
 @pytest.mark.parametrize("attn_impl", ["op", "sdpa"])
 def test_training_backward(attn_impl):
-    model = hf_yolos.apply_patch(make(), attn_impl=attn_impl).train()
+    model = tome_kernels.patch.apply_patch(make(), attn_impl=attn_impl).train()
     model.r = 4
     out = model(images(model))
     (out.logits.sum() + out.pred_boxes.sum()).backward()
@@ -204,22 +204,24 @@ def test_training_backward(attn_impl):
 
 def test_per_instance_unpatch_and_errors():
     original = make(torch.float32)
-    model = hf_yolos.apply_patch(copy.deepcopy(original))
+    model = tome_kernels.patch.apply_patch(copy.deepcopy(original))
     assert type(original.vit.encoder).__name__ == "YolosEncoder"  # other instances untouched
     model.r = 5
-    hf_yolos.apply_patch(model, pos_mode="mean")  # re-patching keeps r, updates the flags
+    tome_kernels.patch.yolos(model, pos_mode="mean")  # re-patching keeps r, updates the flags
     assert model.r == 5 and model._tome_info["pos_mode"] == "mean"
     x = images(model)
-    hf_yolos.unpatch(model)
+    tome_kernels.patch.unpatch(model)
     assert type(model) is type(original) and not hasattr(model, "_tome_info")
     with torch.no_grad():
         assert torch.equal(model(x).logits, original(x).logits)
     with pytest.raises(ValueError, match="pos_mode"):
-        hf_yolos.apply_patch(model, pos_mode="first")
+        tome_kernels.patch.apply_patch(model, pos_mode="first")
     with pytest.raises(TypeError, match="YolosForObjectDetection"):
-        hf_yolos.apply_patch(torch.nn.Linear(2, 2))
+        tome_kernels.patch.yolos(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="yolos: transformers YolosForObjectDetection"):
+        tome_kernels.patch.apply_patch(torch.nn.Linear(2, 2))  # the registry names the supported families
     with pytest.raises(ValueError, match="r"):
-        hf_yolos.apply_patch(model).r = -1
+        tome_kernels.patch.apply_patch(model).r = -1
 
 
 def test_bench_flop_ceiling_yolos_small():
@@ -231,3 +233,23 @@ def test_bench_flop_ceiling_yolos_small():
     r = tome_kernels.patch.parse_r(300, 12)
     ceiling = bench_model.yolos_flops(model, num_tokens, 1) / bench_model.yolos_flops(model, num_tokens, 1, r)
     assert ceiling == pytest.approx(2.06, abs=0.01)
+
+
+def test_pickle_and_layer_on_its_own():
+    import io
+    import pickle
+
+    model = tome_kernels.patch.apply_patch(make(), r=4, trace_source=True)
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x).logits
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded(x).logits, expected)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(x).logits, expected)
+        # a layer or the encoder called outside the model's forward runs transformers' own computation
+        hidden = torch.randn(2, 35, 32, dtype=torch.float64)
+        layer, plain = model.vit.encoder.layer[0], make().vit.encoder.layer[0]
+        assert torch.equal(layer(hidden), plain(hidden))

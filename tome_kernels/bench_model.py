@@ -232,7 +232,8 @@ class YolosFamily(Family):
     def build(self, args, device, dtype):
         from transformers import YolosConfig, YolosForObjectDetection
 
-        from tome_kernels.patch import hf_yolos, parse_r
+        from tome_kernels.patch import parse_r
+        from tome_kernels.patch import yolos as patch_yolos
 
         config = YolosConfig(**YOLOS_CONFIGS[args.model])
         baseline = YolosForObjectDetection(config)
@@ -241,7 +242,7 @@ class YolosFamily(Family):
                 if "position_embeddings" in name:
                     param.normal_(std=0.02)
         baseline = baseline.to(device=device, dtype=dtype).eval()
-        tome = hf_yolos.apply_patch(copy_sharing_weights(baseline), prop_attn=args.prop_attn,
+        tome = patch_yolos(copy_sharing_weights(baseline), prop_attn=args.prop_attn,
                                     pos_mode=args.pos_mode, attn_impl=args.attn_impl)
         height, width = config.image_size if args.image is None else (int(v) for v in args.image.split(","))
         inputs = (torch.randn(args.batch, 3, height, width, device=device, dtype=dtype),)

@@ -37,20 +37,25 @@ length (after the first merge in the ``[class ; detection ; patches]`` order).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 
-from ._common import resolve_attn_impl
-from .timm import parse_r
+from . import _toolkit as tk
 
-__all__ = ["apply_patch", "unpatch"]
+__all__ = ["yolos"]
 
+FAMILY = "yolos"
 POS_MODES = ("keep", "mean")
+# The transformers methods this file renders itself (transformers 5.23; see tk.check_forward).
+KNOWN_CODE = {
+    "YolosEncoder.forward": {"4ea87d26608164dc"},
+    "YolosLayer.forward": {"7cc0e9764148bf63"},
+    "YolosAttention.forward": {"5da702561b09e836"},
+    "YolosSelfAttention.forward": {"9215ef6fe470d295"},
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,12 +68,13 @@ class _Tokens:
     k·C]`` the mid-position embeddings of the k layers still to come (``"mean"``).
     """
 
-    def __init__(self, info: dict, num_layers: int, mid: torch.Tensor | None, num_detection: int):
-        self.r = parse_r(info["r"], num_layers)
-        self.prop_attn = info["prop_attn"]
-        self.attn_impl = info["attn_impl"]
-        self.pos_mode = info["pos_mode"]
-        self.trace_source = info["trace_source"]
+    def __init__(self, call: tk.Call, mid: torch.Tensor | None, num_detection: int):
+        config = call.config
+        self.r = call.r
+        self.prop_attn = config["prop_attn"]
+        self.attn_impl = config["attn_impl"]
+        self.pos_mode = config["pos_mode"]
+        self.trace_source = config["trace_source"]
         self.mid = mid  # [layers - 1, 1, N0, C] or None
         self.num_detection = num_detection
         self.size = None
@@ -147,13 +153,7 @@ def _self_attention(module: nn.Module, hidden: torch.Tensor, size: torch.Tensor 
         context, _ = interface(module, query, key, value, None, is_causal=module.is_causal,
                                scaling=module.scaling, dropout=dropout)
     else:
-        if attn_impl == "op" and dropout == 0.0:
-            context = torch.ops.tome.prop_attention(query, key, value, size, module.scaling)
-        else:  # the same function through PyTorch's fused SDPA with a log-size bias (also the dropout path)
-            bias = size.to(query.dtype).log().reshape(batch, 1, 1, num_tokens)
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
-                                                     scale=module.scaling)
-        context = context.transpose(1, 2)
+        context = tk.attention(query, key, value, size, module.scaling, attn_impl, dropout).transpose(1, 2)
     return context.reshape(batch, num_tokens, module.all_head_size), key
 
 
@@ -163,8 +163,10 @@ def _self_attention(module: nn.Module, hidden: torch.Tensor, size: torch.Tensor 
 class _ToMeYolosLayer:
     """``YolosLayer`` with a ToMe step between attention and MLP."""
 
-    def forward(self, hidden_states: torch.Tensor, tome_tokens: _Tokens):
+    def forward(self, hidden_states: torch.Tensor, tome_tokens: _Tokens | None = None, **kwargs):
         tokens = tome_tokens
+        if tokens is None:  # run on its own, outside its encoder: nothing merged, nothing to merge
+            return super().forward(hidden_states, **kwargs)
         hidden_norm = self.layernorm_before(hidden_states)
         size = tokens.size if tokens.prop_attn else None
         context, key = _self_attention(self.attention.attention, hidden_norm, size, tokens.attn_impl)
@@ -184,12 +186,14 @@ class _ToMeYolosEncoder:
     def forward(self, hidden_states: torch.Tensor, height: int, width: int):
         from transformers.modeling_outputs import BaseModelOutput
 
-        info = self._tome_info
+        call = tk.current_call()
+        if call is None:  # run on its own, outside its model's forward
+            return super().forward(hidden_states, height, width)
         num_layers = len(self.layer)
         mid = None
         if self.config.use_mid_position_embeddings:
             mid = self.interpolation((height, width)).to(hidden_states.device)
-        tokens = _Tokens(info, num_layers, mid, self.config.num_detection_tokens)
+        tokens = _Tokens(call, mid, self.config.num_detection_tokens)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and any(tokens.r):
             raise NotImplementedError("tome: gradient checkpointing would recompute the layers with the last "
                                       "layer's token state; call model.activation_checkpointing_disable()")
@@ -199,118 +203,88 @@ class _ToMeYolosEncoder:
             if mid is not None and index < num_layers - 1:
                 hidden_states = hidden_states + tokens.mid_embedding(index)
 
-        info["size"] = None if tokens.size is None else tokens.to_output_order(tokens.size)
+        call.size = None if tokens.size is None else tokens.to_output_order(tokens.size)
         if tokens.trace_source:
             source = tokens.source
             if source is None:
                 batch, num_tokens = hidden_states.shape[:2]
                 eye = torch.eye(num_tokens, dtype=hidden_states.dtype, device=hidden_states.device)
                 source = eye.expand(batch, -1, -1)
-            info["source"] = tokens.to_output_order(source)
+            call.source = tokens.to_output_order(source)
         return BaseModelOutput(last_hidden_state=tokens.to_output_order(hidden_states))
 
 
-class _ToMeYolosModel:
-    """The patched top-level model: ``model.r`` sets the merges per layer."""
+def _yolos_model(model: nn.Module) -> nn.Module:
+    """The ``YolosModel`` of ``model`` (itself, or the detector's ``vit``)."""
+    return model.vit if hasattr(model, "class_labels_classifier") else model
 
-    @property
-    def r(self):
-        """Merges per layer: an int, an ``(r, inflection)`` schedule or a per-layer list (see ``parse_r``)."""
-        return self._tome_info["r"]
 
-    @r.setter
-    def r(self, value) -> None:
-        parse_r(value, self._tome_num_layers)  # reject bad values here, not in the next forward
-        self._tome_info["r"] = list(value) if isinstance(value, list) else value
+class _ToMeYolos:
+    """The patched top-level model: ``model.r`` sets the merges per encoder layer; each forward is one call."""
+
+    _tome_keep_name = True  # save_pretrained writes the class name as the architecture
+
+    r = tk.r_property(lambda model: len(_yolos_model(model).encoder.layer))
+
+    def _tome_start(self) -> tk.Call:
+        return tk.Call(self._tome_info, r=tk.parse_r(self._tome_r, len(_yolos_model(self).encoder.layer)),
+                       size=None, source=None)
+
+    def _tome_finish(self, call: tk.Call) -> None:
+        self._tome_info.update(r=call.r, size=call.size, source=call.source)
+
+    def forward(self, *args, **kwargs):
+        return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Patching
 # ----------------------------------------------------------------------------------------------------
-_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def _patched_class(cls: type, mixin: type, keep_name: bool = False) -> type:
-    if getattr(cls, "_tome_original_class", None) is not None:
-        return cls  # already patched
-    key = (cls, mixin)
-    if key not in _PATCHED_CLASSES:
-        name = cls.__name__ if keep_name else f"ToMe{cls.__name__}"
-        _PATCHED_CLASSES[key] = type(name, (mixin, cls), {"_tome_original_class": cls, "__module__": __name__})
-    return _PATCHED_CLASSES[key]
-
-
-def _original(obj) -> type:
-    return getattr(type(obj), "_tome_original_class", None) or type(obj)
-
-
-def _check_forward(module: nn.Module, expected: type, what: str) -> None:
-    """``module`` is an ``expected`` whose forward is transformers' own (the patch replaces that forward)."""
-    cls = _original(module)
-    known = inspect.unwrap(expected.forward)  # transformers wraps layer forwards for checkpointing
-    if not isinstance(module, expected) or inspect.unwrap(cls.forward) is not known:
-        raise TypeError(f"tome_kernels.patch.hf_yolos: {what} is {cls.__module__}.{cls.__qualname__}; only "
-                        f"{expected.__qualname__} with transformers' forward is supported")
-
-
-def _yolos_model(model: nn.Module) -> nn.Module:
+def _check_supported(model: nn.Module) -> nn.Module:
     from transformers.models.yolos import modeling_yolos as my
 
-    if isinstance(model, my.YolosForObjectDetection):
-        _check_forward(model, my.YolosForObjectDetection, "the model")
-        yolos = model.vit
-    elif isinstance(model, my.YolosModel):
-        yolos = model
-    else:
-        cls = _original(model)
-        raise TypeError(f"tome_kernels.patch.hf_yolos supports transformers' YolosForObjectDetection and "
-                        f"YolosModel, got {cls.__module__}.{cls.__qualname__}")
-    _check_forward(yolos, my.YolosModel, "the YOLOS model")
-    _check_forward(yolos.encoder, my.YolosEncoder, "the encoder")
+    if not isinstance(model, (my.YolosForObjectDetection, my.YolosModel)):
+        raise TypeError(f"tome_kernels.patch.{FAMILY}: got {tk.class_path(tk.original_class(model))}; supported: "
+                        f"transformers YolosForObjectDetection, YolosModel")
+    yolos = _yolos_model(model)
+    tk.check_forward(yolos.encoder, my.YolosEncoder, "forward", FAMILY, KNOWN_CODE, where="the encoder")
     for index, layer in enumerate(yolos.encoder.layer):
-        _check_forward(layer, my.YolosLayer, f"layer {index}")
-        _check_forward(layer.attention, my.YolosAttention, f"layer {index}'s attention")
-        _check_forward(layer.attention.attention, my.YolosSelfAttention, f"layer {index}'s self-attention")
+        tk.check_forward(layer, my.YolosLayer, "forward", FAMILY, KNOWN_CODE, where=f"layer {index}")
+        tk.check_forward(layer.attention, my.YolosAttention, "forward", FAMILY, KNOWN_CODE,
+                         where=f"layer {index}'s attention")
+        tk.check_forward(layer.attention.attention, my.YolosSelfAttention, "forward", FAMILY, KNOWN_CODE,
+                         where=f"layer {index}'s self-attention")
     return yolos
 
 
-def apply_patch(model: nn.Module, trace_source: bool = False, prop_attn: bool = True, pos_mode: str = "keep", *,
-                attn_impl: str = "auto") -> nn.Module:
+@tk.register_family(FAMILY, ("transformers.models.yolos.modeling_yolos.YolosForObjectDetection",
+                             "transformers.models.yolos.modeling_yolos.YolosModel"),
+                    "transformers YolosForObjectDetection, YolosModel")
+def yolos(model: nn.Module, r=None, *, trace_source: bool = False, prop_attn: bool = True, pos_mode: str = "keep",
+          attn_impl: str = "auto") -> nn.Module:
     """Make ``model`` (``YolosForObjectDetection`` or ``YolosModel``) a ToMe model in place and return it.
 
-    ``model.r`` (0 unless the model was patched before) sets the merges per encoder layer. ``trace_source``:
-    keep ``model._tome_info["source"]``. ``prop_attn``: proportional attention. ``pos_mode``: how merged
-    tokens' mid-position embeddings combine, ``"keep"`` or ``"mean"``. ``attn_impl``: ``"op"``,
-    ``"sdpa"`` or ``"auto"`` (see ``tome_kernels.patch._common.resolve_attn_impl``). Patching a patched model
-    updates the flags.
+    ``r``: merges per encoder layer (see :func:`tome_kernels.patch.parse_r`; also ``model.r = ...`` later);
+    None keeps the current value of a patched model, else 0. ``trace_source``: keep
+    ``model._tome_info["source"]``. ``prop_attn``: proportional attention. ``pos_mode``: how merged tokens'
+    mid-position embeddings combine, ``"keep"`` or ``"mean"``. ``attn_impl``: ``"op"``, ``"sdpa"`` or
+    ``"auto"`` (see ``tome_kernels.patch.timm``). Patching a patched model updates the flags.
     """
     if pos_mode not in POS_MODES:
         raise ValueError(f"tome: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
-    yolos = _yolos_model(model)
-    previous = getattr(model, "_tome_info", None)
-    info = {
-        "r": 0 if previous is None else previous["r"], "size": None, "source": None,
+    encoder = _check_supported(model).encoder
+    if r is None:
+        r = model.r if getattr(model, "_tome_info", None) is not None else 0
+    tk.swap_class(model, _ToMeYolos)
+    model._tome_info = {
+        "r": [], "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn), "pos_mode": pos_mode,
-        "attn_impl": resolve_attn_impl(attn_impl, model),
-        "num_protected": 1 + yolos.config.num_detection_tokens,
+        "attn_impl": tk.resolve_attn_impl(attn_impl, model),
+        "num_protected": 1 + encoder.config.num_detection_tokens,
     }
-    model.__class__ = _patched_class(type(model), _ToMeYolosModel, keep_name=True)
-    model._tome_info = info
-    model._tome_num_layers = len(yolos.encoder.layer)
-    yolos.encoder.__class__ = _patched_class(type(yolos.encoder), _ToMeYolosEncoder)
-    yolos.encoder._tome_info = info
-    for index, layer in enumerate(yolos.encoder.layer):
-        layer.__class__ = _patched_class(type(layer), _ToMeYolosLayer)
+    model.r = r
+    tk.swap_class(encoder, _ToMeYolosEncoder)
+    for index, layer in enumerate(encoder.layer):
+        tk.swap_class(layer, _ToMeYolosLayer)
         layer._tome_layer = index
-    return model
-
-
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_patch` in place (classes and ToMe attributes) and return ``model``."""
-    for module in model.modules():
-        original = getattr(type(module), "_tome_original_class", None)
-        if original is not None:
-            module.__class__ = original
-        for name in ("_tome_info", "_tome_layer", "_tome_num_layers"):
-            module.__dict__.pop(name, None)
     return model
