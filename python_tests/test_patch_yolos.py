@@ -102,15 +102,19 @@ def tome_forward(model, x, r_per_layer, pos_mode="keep", prop_attn=True):
 def test_r0_matches_unpatched(detector, attn, mid):
     model = make(torch.float32, detector, attn, mid)
     x = images(model)
+    kwargs = dict(output_hidden_states=True, output_attentions=attn == "eager")
     with torch.no_grad():
-        expected = model(x)
+        expected = model(x, **kwargs)
         tome_kernels.patch.apply_patch(model, trace_source=True)
         assert model.r == 0
-        out = model(x)
+        out = model(x, **kwargs)
     assert type(model).__name__ == ("YolosForObjectDetection" if detector else "YolosModel")
-    for name in ("logits", "pred_boxes", "last_hidden_state"):
-        if getattr(expected, name, None) is not None:
-            assert torch.equal(getattr(out, name), getattr(expected, name)), name
+    for name in ("logits", "pred_boxes", "last_hidden_state", "hidden_states", "attentions"):
+        want, got = getattr(expected, name, None), getattr(out, name, None)
+        if isinstance(want, tuple):
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), name
+        else:
+            assert (got is None and want is None) or torch.equal(got, want), name
     num_tokens = expected.last_hidden_state.shape[1]
     assert model._tome_info["size"] is None
     assert torch.equal(model._tome_info["source"], torch.eye(num_tokens).expand(2, -1, -1))

@@ -1,5 +1,8 @@
 """ToMe for transformers' YOLOS (``YolosForObjectDetection`` / ``YolosModel``, transformers 5.x), per instance.
 
+``tome_kernels.patch.yolos(model, r=300)`` (or ``tome_kernels.patch.apply_patch(model, r=300)``) patches one
+model in place; ``model.r`` can change between calls (int, ``(r, inflection)`` or a per-layer list).
+
 YOLOS is a plain ViT encoder whose sequence is ``[class ; patches ; detection tokens]``; the detector reads
 only the last ``num_detection_tokens`` outputs. So patch tokens merge away for good (nothing is unmerged)
 while the class and detection tokens never merge. Each patched layer (pre-norm, as ``YolosLayer``)::
@@ -23,16 +26,18 @@ channel, the original position of the token (the embedding is looked up after ea
 carries the embeddings of all later layers (``(layers - 1 - l) * hidden`` channels at layer l), so it costs
 more memory traffic.
 
-Attention: transformers' own path (its ``_attn_implementation``) until the first merge; afterwards, with
-``prop_attn``, ``softmax(q kᵀ · scale + log size) v`` through ``torch.ops.tome.prop_attention`` or SDPA with a
-``log size`` float bias (``attn_impl``); without ``prop_attn`` transformers' path throughout.
+Attention: transformers' own path (its ``_attn_implementation``) until the first merge (its module itself in
+layers that do not merge, so r = 0 also returns its ``output_attentions``); afterwards, with ``prop_attn``,
+``softmax(q kᵀ · scale + log size) v`` through ``torch.ops.tome.prop_attention`` or SDPA with a ``log size``
+float bias (``attn_impl``); without ``prop_attn`` transformers' attention function throughout.
 
 YOLOS takes no pixel mask (padded batches are plain images to it), so merging needs no padding rule.
 The state of one forward is local to that call; afterwards ``model._tome_info`` holds ``size`` ([B, N, 1],
 tokens per output token, None when nothing merged) and, with ``trace_source``, ``source`` ([B, N, N0]: which
 input tokens each output token holds), both in the model's output order. Not supported while merging:
-gradient checkpointing, ``output_attentions``; ``output_hidden_states`` gives per-layer states of shrinking
-length (after the first merge in the ``[class ; detection ; patches]`` order).
+gradient checkpointing, ``output_attentions`` (layers that merge, and all after the first merge, record no
+attention map); ``output_hidden_states`` gives per-layer states of shrinking length (after the first merge in
+the ``[class ; detection ; patches]`` order).
 """
 
 from __future__ import annotations
@@ -169,10 +174,12 @@ class _ToMeYolosLayer:
             return super().forward(hidden_states, **kwargs)
         hidden_norm = self.layernorm_before(hidden_states)
         size = tokens.size if tokens.prop_attn else None
-        context, key = _self_attention(self.attention.attention, hidden_norm, size, tokens.attn_impl)
-        hidden_states = self.attention.output(context, hidden_norm) + hidden_states
-
         r = tokens.r[self._tome_layer]
+        if r == 0 and size is None:  # no metric needed: transformers' module itself (output_attentions works)
+            hidden_states = self.attention(hidden_norm) + hidden_states
+        else:
+            context, key = _self_attention(self.attention.attention, hidden_norm, size, tokens.attn_impl)
+            hidden_states = self.attention.output(context, hidden_norm) + hidden_states
         if r > 0:
             hidden_states = tokens.merge(hidden_states, key.mean(1), r, self._tome_layer)
 
@@ -257,6 +264,14 @@ def _check_supported(model: nn.Module) -> nn.Module:
     return yolos
 
 
+def _register_output_capture(model: nn.Module) -> None:
+    """transformers looks a model's recordable outputs (``output_hidden_states`` / ``output_attentions``) up by
+    the name of its class, registered when the model is built: register the patched class as well."""
+    from transformers.utils import output_capturing
+
+    output_capturing._CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+
+
 @tk.register_family(FAMILY, ("transformers.models.yolos.modeling_yolos.YolosForObjectDetection",
                              "transformers.models.yolos.modeling_yolos.YolosModel"),
                     "transformers YolosForObjectDetection, YolosModel")
@@ -276,6 +291,7 @@ def yolos(model: nn.Module, r=None, *, trace_source: bool = False, prop_attn: bo
     if r is None:
         r = model.r if getattr(model, "_tome_info", None) is not None else 0
     tk.swap_class(model, _ToMeYolos)
+    _register_output_capture(model)
     model._tome_info = {
         "r": [], "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn), "pos_mode": pos_mode,
