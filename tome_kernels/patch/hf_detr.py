@@ -3,8 +3,11 @@
 ``tome_kernels.patch.detr(model, er=0, mr=0, dr=0, prop_attn=True, pos_mode="keep")`` patches one model in
 place; ``model.er`` / ``model.mr`` / ``model.dr`` can be changed between calls. Nothing in transformers is
 modified: the classes of this model, its DetrModel and its encoder / decoder layers are swapped for ToMe
-subclasses (created once per original class), and a forward pre-hook on the instance's encoder and decoder
-picks up the flattened pixel mask and positional embeddings that ``DetrModel.forward`` computes.
+subclasses (``_toolkit.swap_class``), and a forward pre-hook on the instance's encoder and decoder picks up
+the flattened pixel mask and positional embeddings that ``DetrModel.forward`` computes. The state of one
+forward (tokens, sizes, merges made) is a per-call object made by the outermost patched forward
+(``_toolkit.run_call``), so threads can share one patched model; an encoder or decoder run on its own runs
+transformers' code. ``tome_kernels.patch.unpatch(model)`` reverts the patch.
 
 Where tokens merge (all with ``torch.ops.tome.bipartite_merge``, protected = 0)::
 
@@ -36,11 +39,11 @@ query (``model._tome_info["query_size"]`` counts the original queries in each, `
 with ``trace_source``). DETR is a set predictor without NMS: unmerging would copy a merged query's box and
 score to all of its members, i.e. emit exact duplicate detections, so we return the merged set instead.
 
-After each forward, ``model._tome_info`` holds ``encoder_r`` / ``memory_r`` / ``decoder_r`` (merges made;
-r is clamped to half the tokens and, for padded batches, as above), ``memory_size``, ``memory_mask``
-([B, Nm] bool, None without padding), ``query_size``, and with ``trace_source`` ``source`` ([B, Nm, N0]: the
-flattened feature-map tokens each memory token holds), ``query_source`` ([B, Nq', num_queries]) and
-``token_mask`` ([B, N0] bool, real tokens; None without padding).
+After each forward (with threads: the one that finished last), ``model._tome_info`` holds ``encoder_r`` /
+``memory_r`` / ``decoder_r`` (merges made; r is clamped to half the tokens and, for padded batches, as above),
+``memory_size``, ``memory_mask`` ([B, Nm] bool, None without padding), ``query_size``, and with
+``trace_source`` ``source`` ([B, Nm, N0]: the flattened feature-map tokens each memory token holds),
+``query_source`` ([B, Nq', num_queries]) and ``token_mask`` ([B, N0] bool, real tokens; None without padding).
 
 Attention in the patched layers runs as ``torch.ops.tome.prop_attention`` or, with ``attn_impl="sdpa"``
 (the ``"auto"`` choice where no compiled tome backend serves the device), as PyTorch's SDPA with the same
