@@ -257,3 +257,35 @@ def test_pickle_and_layer_on_its_own():
         hidden = torch.randn(2, 35, 32, dtype=torch.float64)
         layer, plain = model.vit.encoder.layer[0], make().vit.encoder.layer[0]
         assert torch.equal(layer(hidden), plain(hidden))
+
+
+def test_threads_share_a_patched_model():
+    from test_patch_toolkit import run_threads
+
+    model = tome_kernels.patch.apply_patch(make(torch.float32), r=4)
+    inputs = [images(model, batch=1, seed=1), images(model, batch=3, seed=2)]
+
+    def boxes(model, x):
+        with torch.no_grad():
+            return model(x).pred_boxes
+
+    expected = [boxes(model, x) for x in inputs]
+    outputs, errors = run_threads(model, inputs, boxes, calls=10)
+    assert not errors, errors[:3]
+    for index in range(2):
+        assert len(outputs[index]) == 10 and all(torch.equal(out, expected[index]) for out in outputs[index])
+
+
+@pytest.mark.parametrize("pos_mode", ["keep", "mean"])
+def test_export_then_eager(pos_mode):
+    model = tome_kernels.patch.apply_patch(make(torch.float32), r=4, pos_mode=pos_mode)
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x)
+    exported = torch.export.export(model, (x,))
+    out = exported.module()(x)
+    torch.testing.assert_close(out["pred_boxes"], expected.pred_boxes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["logits"], expected.logits, rtol=1e-5, atol=1e-5)
+    model.r = 0  # the eager model keeps working, also with another schedule
+    with torch.no_grad():
+        assert model(x).last_hidden_state.shape[1] == 1 + 24 + NUM_DETECTION
