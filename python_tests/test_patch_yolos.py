@@ -289,3 +289,21 @@ def test_export_then_eager(pos_mode):
     model.r = 0  # the eager model keeps working, also with another schedule
     with torch.no_grad():
         assert model(x).last_hidden_state.shape[1] == 1 + 24 + NUM_DETECTION
+
+
+def test_torch_load_in_a_fresh_process_keeps_output_capture(tmp_path):
+    import subprocess
+    import sys
+
+    model = tome_kernels.patch.apply_patch(make(torch.float32, detector=False), r=4)
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    torch.save({"model": model, "x": x, "expected": expected}, tmp_path / "model.pt")
+    code = ("import torch; saved = torch.load(r'%s', weights_only=False); model = saved['model']\n"
+            "with torch.no_grad(): out = model(saved['x'], output_hidden_states=True)\n"
+            "assert torch.equal(out.last_hidden_state, saved['expected'])\n"
+            "print(type(model).__name__, model.r, [h.shape[1] for h in out.hidden_states])" % (tmp_path / "model.pt"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "YolosModel 4 [35, 31, 27, 23]"

@@ -243,6 +243,10 @@ class _ToMeYolos:
     def forward(self, *args, **kwargs):
         return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
 
+    def __setstate__(self, state):  # unpickled in a process that has not patched this class yet
+        super().__setstate__(state)
+        _register_output_capture(self)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Patching
