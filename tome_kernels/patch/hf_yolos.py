@@ -67,24 +67,19 @@ KNOWN_CODE = {
 # One forward's token state
 # ----------------------------------------------------------------------------------------------------
 class _Tokens:
-    """Sizes, carried positions and source map of the encoder tokens during one forward.
+    """The encoder tokens' order and carried positions during one forward (sizes and source map: in ``call``).
 
     ``pos`` is None until the first merge; then ``[B, N, 1]`` original positions (``"keep"``) or ``[B, N,
     k·C]`` the mid-position embeddings of the k layers still to come (``"mean"``).
     """
 
     def __init__(self, call: tk.Call, mid: torch.Tensor | None, num_detection: int):
-        config = call.config
+        self.call = call
         self.r = call.r
-        self.prop_attn = config["prop_attn"]
-        self.attn_impl = config["attn_impl"]
-        self.pos_mode = config["pos_mode"]
-        self.trace_source = config["trace_source"]
+        self.pos_mode = call.config["pos_mode"]
         self.mid = mid  # [layers - 1, 1, N0, C] or None
         self.num_detection = num_detection
-        self.size = None
         self.pos = None
-        self.source = None
         self.reordered = False
 
     def _to_merge_order(self, x: torch.Tensor, metric: torch.Tensor, layer: int):
@@ -100,24 +95,18 @@ class _Tokens:
             else:
                 later = self.mid[layer:, 0].index_select(1, order).permute(1, 0, 2)  # [N, k, C]
                 self.pos = later.reshape(1, num_tokens, -1).to(x.dtype).expand(batch, -1, -1)
-        if self.trace_source:
-            eye = torch.eye(num_tokens, dtype=x.dtype, device=x.device)
-            self.source = eye.index_select(0, order).expand(batch, -1, -1)
+        if self.call.config["trace_source"]:
+            self.call.source = tk.source_or_identity(None, x).index_select(1, order)
         self.reordered = True
         return x.index_select(1, order), metric.index_select(1, order)
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, r: int, layer: int) -> torch.Tensor:
         if not self.reordered:
             x, metric = self._to_merge_order(x, metric, layer)
-        protected = 1 + self.num_detection
         pos = self.pos if self.pos is not None and self.pos.shape[-1] > 0 else None
-        x, pos, size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
-            x, pos, self.size, r, metric=metric, protected=protected, pos_mode=self.pos_mode)
-        self.size = size
+        x, pos = tk.merge_tokens(self.call, x, metric, r, 1 + self.num_detection, pos, self.pos_mode)
         if pos is not None:
             self.pos = pos
-        if self.trace_source:
-            self.source = torch.ops.tome.merge_source(self.source, unm_idx, src_idx, dst_idx, protected)
         return x
 
     def mid_embedding(self, layer: int) -> torch.Tensor:
@@ -172,13 +161,14 @@ class _ToMeYolosLayer:
         tokens = tome_tokens
         if tokens is None:  # run on its own, outside its encoder: nothing merged, nothing to merge
             return super().forward(hidden_states, **kwargs)
+        config = tokens.call.config
         hidden_norm = self.layernorm_before(hidden_states)
-        size = tokens.size if tokens.prop_attn else None
+        size = tokens.call.size if config["prop_attn"] else None
         r = tokens.r[self._tome_layer]
         if r == 0 and size is None:  # no metric needed: transformers' module itself (output_attentions works)
             hidden_states = self.attention(hidden_norm) + hidden_states
         else:
-            context, key = _self_attention(self.attention.attention, hidden_norm, size, tokens.attn_impl)
+            context, key = _self_attention(self.attention.attention, hidden_norm, size, config["attn_impl"])
             hidden_states = self.attention.output(context, hidden_norm) + hidden_states
         if r > 0:
             hidden_states = tokens.merge(hidden_states, key.mean(1), r, self._tome_layer)
@@ -210,14 +200,10 @@ class _ToMeYolosEncoder:
             if mid is not None and index < num_layers - 1:
                 hidden_states = hidden_states + tokens.mid_embedding(index)
 
-        call.size = None if tokens.size is None else tokens.to_output_order(tokens.size)
-        if tokens.trace_source:
-            source = tokens.source
-            if source is None:
-                batch, num_tokens = hidden_states.shape[:2]
-                eye = torch.eye(num_tokens, dtype=hidden_states.dtype, device=hidden_states.device)
-                source = eye.expand(batch, -1, -1)
-            call.source = tokens.to_output_order(source)
+        if call.size is not None:
+            call.size = tokens.to_output_order(call.size)
+        if call.config["trace_source"]:
+            call.source = tokens.to_output_order(tk.source_or_identity(call.source, hidden_states))
         return BaseModelOutput(last_hidden_state=tokens.to_output_order(hidden_states))
 
 
