@@ -307,3 +307,11 @@ def test_torch_load_in_a_fresh_process_keeps_output_capture(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[0] == "YolosModel 4 [35, 31, 27, 23]"
+
+
+def test_bench_model_cli_yolos():
+    rows = bench_model.main(["--model", "hf:yolos-tiny", "--image", "64,96", "--batch", "1", "--sweep", "0,4",
+                             "--rounds", "1", "--warmup", "0", "--threads", "1", "--no-progress"])
+    assert [row["kind"] for row in rows] == ["baseline", "tome", "tome"]
+    assert rows[1]["ceiling"] == 1.0 and rows[2]["ceiling"] > 1.0
+    assert all(row["ms"] > 0 for row in rows)
