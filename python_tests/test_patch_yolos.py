@@ -58,7 +58,7 @@ def images(model, batch: int = 2, seed: int = 1, size=IMAGE):
 # ----------------------------------------------------------------------------------------------------
 def tome_forward(model, x, r_per_layer, pos_mode="keep", prop_attn=True):
     """Logits, boxes, final sizes [B, N] and source [B, N, N0] (output order), without the patch."""
-    yolos, config = model.vit, model.config
+    yolos = model.vit
     x = yolos.embeddings(x)
     batch, num_tokens, channels = x.shape
     first_detection = num_tokens - NUM_DETECTION
