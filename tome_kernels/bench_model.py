@@ -185,7 +185,88 @@ def _parse_r_arg(text: str):
     return int(text)
 
 
-FAMILIES: list[Family] = [TimmFamily()]
+# Hugging Face YOLOS detectors, built from configs (random weights): name -> config arguments.
+YOLOS_CONFIGS = {
+    "hf:yolos-tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                          image_size=[800, 1344]),
+    "hf:yolos-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                           image_size=[800, 1344]),
+    "hf:yolos-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          image_size=[800, 1344]),
+}
+
+
+def yolos_flops(model: nn.Module, num_tokens: int, batch: int, r_per_layer: Sequence[int] | None = None) -> float:
+    """FLOPs of a YOLOS forward, counted as :func:`vit_flops`: per layer the attention projections and
+    ``q kᵀ``, ``p v`` at the tokens entering attention, the MLP at the tokens left after merging; the patch
+    embedding and the two detection heads (on the detection tokens) once."""
+    yolos = model.vit
+    layers = yolos.encoder.layer
+    protected = 1 + model.config.num_detection_tokens
+    counts = vit_token_counts(num_tokens, [0] * len(layers) if r_per_layer is None else r_per_layer, protected)
+    total = 0.0
+    for layer, (n_attn, n_mlp) in zip(layers, counts):
+        total += n_attn * _linear_flops(layer.attention) + 4 * n_attn * n_attn * layer.attention.attention.all_head_size
+        total += n_mlp * (_linear_flops(layer.intermediate) + _linear_flops(layer.output))
+    patch = yolos.embeddings.patch_embeddings.projection
+    num_patches = num_tokens - protected
+    total += 2 * num_patches * patch.out_channels * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1]
+    heads = _linear_flops(model.class_labels_classifier) + _linear_flops(model.bbox_predictor)
+    total += model.config.num_detection_tokens * heads
+    return total * batch
+
+
+class YolosFamily(Family):
+    name = "hf-yolos"
+
+    def matches(self, model_name: str) -> bool:
+        return model_name in YOLOS_CONFIGS
+
+    def add_arguments(self, parser):
+        group = parser.add_argument_group("YOLOS options (--r, --sweep, --prop-attn, --attn-impl as for timm)")
+        group.add_argument("--pos-mode", default="keep", choices=("keep", "mean"),
+                           help="how merged tokens' mid-position embeddings combine (default keep)")
+        group.add_argument("--image", default=None,
+                           help="input height,width (multiples of 16; default the config's image_size)")
+
+    def build(self, args, device, dtype):
+        from transformers import YolosConfig, YolosForObjectDetection
+
+        from tome_kernels.patch import parse_r
+        from tome_kernels.patch import yolos as patch_yolos
+
+        config = YolosConfig(**YOLOS_CONFIGS[args.model])
+        baseline = YolosForObjectDetection(config)
+        with torch.no_grad():  # position embeddings start at zero: give them values so they matter
+            for name, param in baseline.named_parameters():
+                if "position_embeddings" in name:
+                    param.normal_(std=0.02)
+        baseline = baseline.to(device=device, dtype=dtype).eval()
+        tome = patch_yolos(copy_sharing_weights(baseline), prop_attn=args.prop_attn,
+                                    pos_mode=args.pos_mode, attn_impl=args.attn_impl)
+        height, width = config.image_size if args.image is None else (int(v) for v in args.image.split(","))
+        inputs = (torch.randn(args.batch, 3, height, width, device=device, dtype=dtype),)
+        patch = config.patch_size
+        num_tokens = 1 + (height // patch) * (width // patch) + config.num_detection_tokens
+        num_layers = config.num_hidden_layers
+        settings = [int(v) for v in args.sweep.split(",")] if args.sweep else [_parse_r_arg(args.r)]
+        for r in settings:
+            parse_r(r, num_layers)
+
+        def apply(r):
+            tome.r = r
+
+        def flops(r):
+            return yolos_flops(baseline, num_tokens, args.batch, None if r is None else parse_r(r, num_layers))
+
+        description = (f"{args.model} (YOLOS, hidden {config.hidden_size}, {num_layers} layers) {height}x{width} "
+                       f"({num_tokens} tokens, {1 + config.num_detection_tokens} protected), batch {args.batch}, "
+                       f"prop_attn={args.prop_attn}, pos_mode={args.pos_mode} "
+                       f"(attn_impl={tome._tome_info['attn_impl']})")
+        return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops)
+
+
+FAMILIES: list[Family] = [TimmFamily(), YolosFamily()]
 
 
 def family_for(model_name: str) -> Family:
