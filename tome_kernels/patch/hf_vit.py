@@ -104,6 +104,9 @@ class _ToMeLayer:
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         info = self._tome_info
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and any(info["r"]):
+            raise NotImplementedError("tome: gradient checkpointing would recompute the layers with the last "
+                                      "layer's token sizes; call model.gradient_checkpointing_disable()")
         size = info["size"]
         y, metric = self._tome_attention_branch(hidden_states, attention_mask, size if info["prop_attn"] else None,
                                                 kwargs)
@@ -190,9 +193,6 @@ class _ToMeBackbone:
         info = self._tome_info
         info["size"] = None
         info["source"] = None
-        if self.is_gradient_checkpointing and self.training and torch.is_grad_enabled() and any(info["r"]):
-            raise NotImplementedError("tome: gradient checkpointing would recompute the layers with the last "
-                                      "layer's token sizes; call model.gradient_checkpointing_disable()")
         out = super().forward(*args, **kwargs)
         if info["trace_source"] and info["source"] is None:
             info["source"] = _source_or_identity(None, out.last_hidden_state)
@@ -291,6 +291,18 @@ def _patched_class(cls: type, mixin: type, extra: dict | None = None) -> type:
     return _PATCHED_CLASSES[key]
 
 
+def _swap_class(module: nn.Module, cls: type) -> None:
+    """``module.__class__ = cls``, keeping transformers' output capture (``output_hidden_states`` /
+    ``output_attentions``): it looks a model's recordable outputs up by the name of its class."""
+    from transformers.utils import output_capturing
+
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    flags = registry.get(module) if registry is not None and hasattr(module, "config") else None
+    module.__class__ = cls
+    if flags:
+        registry[module] = flags
+
+
 def _original(obj) -> type:
     return getattr(type(obj), "_tome_original_class", None) or type(obj)
 
@@ -366,10 +378,10 @@ def apply_patch(model: nn.Module, trace_source: bool = False, prop_attn: bool = 
     model.__dict__.pop("r", None)
     model._tome_info = backbone._tome_info = info
     if backbone is model:
-        model.__class__ = _patched_class(type(model), _ToMeBackboneModel)
+        _swap_class(model, _patched_class(type(model), _ToMeBackboneModel))
     else:
-        model.__class__ = _patched_class(type(model), _ToMeModel)
-        backbone.__class__ = _patched_class(type(backbone), _ToMeBackbone)
+        _swap_class(model, _patched_class(type(model), _ToMeModel))
+        _swap_class(backbone, _patched_class(type(backbone), _ToMeBackbone))
     model.r = previous_r
     for index, layer in enumerate(layers):
         attention = next(m for m in layer.children() if isinstance(m, attention_cls))
