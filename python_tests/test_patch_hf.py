@@ -9,8 +9,10 @@ float64, so rounding cannot flip a near-tie in the matching). Small configuratio
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import functools
+import pickle
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tome_kernels  # noqa: E402
+import tome_kernels.patch  # noqa: E402
 from tome_kernels import reference  # noqa: E402
 from tome_kernels.patch import hf_vit  # noqa: E402
 
@@ -111,7 +114,7 @@ def run(model, x):
 
 
 def backbone(model):
-    return hf_vit.find_family(model)[1]
+    return model.get_submodule(hf_vit.find_family(model)[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_r0_matches_unpatched_bit_for_bit(case, attn_implementation):
     x = images(model)
     with torch.no_grad():
         expected = run(model, x)
-        hf_vit.apply_patch(model)
+        tome_kernels.patch.apply_patch(model)
         assert type(model).__name__.startswith("ToMe") and model.r == 0
         actual = run(model, x)
     for key, value in expected.items():
@@ -203,7 +206,7 @@ def test_matches_independent_tome(case, attn_impl):
     r = [9, 7, 11]
     with torch.no_grad():
         hidden, size, source = tome_forward(vision, x, r, protected, prop_attn)
-        hf_vit.apply_patch(model, trace_source=True, prop_attn=prop_attn, attn_impl="op" if not prop_attn else attn_impl)
+        tome_kernels.patch.hf(model, trace_source=True, prop_attn=prop_attn, attn_impl="op" if not prop_attn else attn_impl)
         model.r = r
         out = vision(x)
     info = model._tome_info
@@ -225,7 +228,7 @@ def test_outputs_finite_with_documented_shapes(case):
     x = images(model)
     with torch.no_grad():
         expected = run(model, x)
-        hf_vit.apply_patch(model).r = 8
+        tome_kernels.patch.hf(model).r = 8
         actual = run(model, x)
     protected, num_layers = MODELS[case][1], len(model._tome_info["r"])
     num_tokens = NUM_PATCHES + protected
@@ -243,7 +246,7 @@ def test_outputs_finite_with_documented_shapes(case):
 
 @pytest.mark.parametrize("case", ["vit", "deit_teacher", "dinov2_registers", "siglip"])
 def test_prefix_tokens_never_merge(case):
-    model = hf_vit.apply_patch(make(case), trace_source=True)
+    model = tome_kernels.patch.hf(make(case), trace_source=True)
     model.r = 100  # clamps to half the mergeable tokens in every layer
     with torch.no_grad():
         run(model, images(model))
@@ -264,7 +267,7 @@ def test_prefix_tokens_never_merge(case):
 
 
 def test_trace_source_is_identity_without_merging():
-    model = hf_vit.apply_patch(make("dinov2"), trace_source=True)
+    model = tome_kernels.patch.hf(make("dinov2"), trace_source=True)
     with torch.no_grad():
         model(images(model))
     source = model._tome_info["source"]
@@ -279,9 +282,9 @@ def test_trace_source_is_identity_without_merging():
     ([5], [5, 0, 0]),
 ])
 def test_r_schedules(r, merges):
-    model = hf_vit.apply_patch(make("vit", torch.float32))
+    model = tome_kernels.patch.hf(make("vit", torch.float32))
     model.r = r
-    assert model.r == r and model._tome_info["r"] == merges
+    assert model.r == r
     seen = []
     hooks = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
              for layer in model.vit.layers]
@@ -289,6 +292,7 @@ def test_r_schedules(r, merges):
         out = model.vit(images(model))
     for hook in hooks:
         hook.remove()
+    assert model._tome_info["r"] == merges  # published by the forward
     tokens = [NUM_PATCHES + 1]
     for merged in merges:
         tokens.append(tokens[-1] - merged)
@@ -298,14 +302,14 @@ def test_r_schedules(r, merges):
 @pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), ([1, 2, 3, 4], ValueError),
                                         ((2, 3), ValueError), (True, TypeError)])
 def test_bad_r_is_refused_when_set(bad, error):
-    model = hf_vit.apply_patch(make("vit", torch.float32))
+    model = tome_kernels.patch.hf(make("vit", torch.float32))
     with pytest.raises(error, match="tome"):
         model.r = bad
     assert model.r == 0
 
 
 def test_hidden_states_and_attentions_are_captured():
-    model = hf_vit.apply_patch(make("vit", torch.float32, "eager"))
+    model = tome_kernels.patch.hf(make("vit", torch.float32, "eager"))
     x = images(model)
     model.r = 8
     with torch.no_grad():
@@ -321,36 +325,38 @@ def test_unpatch_restores_classes_and_outputs():
     classes = {name: type(m) for name, m in model.named_modules()}
     with torch.no_grad():
         expected = run(model, x).logits_per_image
-        hf_vit.apply_patch(model, trace_source=True).r = 8
+        tome_kernels.patch.hf(model, trace_source=True).r = 8
         assert type(model.text_model.encoder.layers[0]) is classes["text_model.encoder.layers.0"]  # text untouched
         run(model, x)
-        hf_vit.unpatch(model)
+        tome_kernels.patch.unpatch(model)
         assert {name: type(m) for name, m in model.named_modules()} == classes
         assert not any(k.startswith("_tome") for m in model.modules() for k in vars(m))
         assert torch.equal(run(model, x).logits_per_image, expected)
 
 
 def test_repatch_keeps_r_and_updates_flags():
-    model = hf_vit.apply_patch(make("deit_teacher", torch.float32))
+    model = tome_kernels.patch.hf(make("deit_teacher", torch.float32))
     model.r = (4, 1)
     cls = type(model)
-    hf_vit.apply_patch(model, trace_source=True, attn_impl="sdpa")
+    tome_kernels.patch.hf(model, trace_source=True, attn_impl="sdpa")
     assert type(model) is cls and model.r == (4, 1)
+    with torch.no_grad():
+        model(images(model))
     info = model._tome_info
     assert info["trace_source"] and info["attn_impl"] == "sdpa" and info["r"] == [0, 4, 8]
-    assert all(layer._tome_info is info for layer in model.deit.layers)
+    assert model.deit._tome_info is info and info["source"].shape == (2, NUM_PATCHES + 2 - 12, NUM_PATCHES + 2)
 
 
 def test_unsupported_models_are_refused_with_the_supported_list():
     config = transformers.ViTConfig(**SMALL, encoder_stride=PATCH)
-    with pytest.raises(TypeError, match="ViTForMaskedImageModeling.*supported: ViTModel"):
-        hf_vit.apply_patch(transformers.ViTForMaskedImageModeling(config))
-    with pytest.raises(TypeError, match="not a supported"):
-        hf_vit.apply_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="ViTForMaskedImageModeling. Supported: transformers ViTModel"):
+        tome_kernels.patch.hf(transformers.ViTForMaskedImageModeling(config))
+    with pytest.raises(TypeError, match="Linear. Supported families: .*hf_vit: .*hf_siglip: "):
+        tome_kernels.patch.apply_patch(torch.nn.Linear(2, 2))
 
 
 def test_attention_mask_is_refused_once_tokens_merge():
-    model = hf_vit.apply_patch(make("vit", torch.float32))
+    model = tome_kernels.patch.hf(make("vit", torch.float32))
     x = images(model)
     mask = torch.ones(2, NUM_PATCHES + 1, dtype=torch.long)
     mask[:, -1] = 0
@@ -362,7 +368,7 @@ def test_attention_mask_is_refused_once_tokens_merge():
 
 
 def test_gradients_flow_and_checkpointing_is_refused():
-    model = hf_vit.apply_patch(make("dinov2", torch.float32)).train()
+    model = tome_kernels.patch.hf(make("dinov2", torch.float32)).train()
     model.r = 6
     model(images(model)).last_hidden_state.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p is not model.embeddings.mask_token)
@@ -376,7 +382,7 @@ def test_torch_compile_fullgraph(case):
     torch._dynamo.reset()
     model = make(case, torch.float32)
     x = images(model)
-    hf_vit.apply_patch(model)
+    tome_kernels.patch.hf(model)
     model.r = [6, 4, 5]
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
@@ -385,3 +391,35 @@ def test_torch_compile_fullgraph(case):
     for key, value in expected.items():
         if torch.is_tensor(value):
             torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_apply_patch_finds_the_family(case):
+    model = tome_kernels.patch.apply_patch(make(case, torch.float32), r=(3, -1))
+    family = hf_vit.find_family(model)[0]
+    assert tome_kernels.patch.families()[family.name].apply is tome_kernels.patch.hf
+    assert model.r == (3, -1) and backbone(model).r == (3, -1)
+    with torch.no_grad():
+        run(model, images(model))
+    assert model._tome_info["r"] == [6, 3, 0]
+
+
+def test_pickle_and_deepcopy_of_a_patched_model():
+    model = tome_kernels.patch.hf(make("deit_teacher", torch.float32), r=5)
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x).logits
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert clone.r == 5 and clone._tome_info is not model._tome_info
+            assert torch.equal(clone(x).logits, expected)
+
+
+def test_threads_share_one_patched_model():
+    model = tome_kernels.patch.hf(make("siglip", torch.float32), r=[10, 3, 7])
+    inputs = [images(model, batch=1 + i % 3, seed=i) for i in range(6)]
+    with torch.no_grad():
+        expected = [model(x).pooler_output for x in inputs]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            actual = list(pool.map(lambda x: model(x).pooler_output, inputs))
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)

@@ -11,8 +11,9 @@ no library code is modified. The family modules are ``timm_vit`` and ``hf_detr``
 
 from ._toolkit import apply_patch, families, parse_r, unpatch
 from .hf_detr import detr
+from .hf_vit import hf
 from .timm_vit import timm
 
 detr_unpatch = unpatch  # the name of earlier releases
 
-__all__ = ["apply_patch", "unpatch", "families", "parse_r", "timm", "detr", "detr_unpatch"]
+__all__ = ["apply_patch", "unpatch", "families", "parse_r", "timm", "detr", "hf", "detr_unpatch"]
