@@ -423,3 +423,29 @@ def test_threads_share_one_patched_model():
             actual = list(pool.map(lambda x: model(x).pooler_output, inputs))
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench_model's transformers models
+# ----------------------------------------------------------------------------------------------------
+def test_bench_model_flops_match_the_timm_count():
+    from tome_kernels import bench_model
+
+    timm = pytest.importorskip("timm")
+    reference_model = timm.create_model("vit_base_patch16_224", pretrained=False, device="meta")
+    with torch.device("meta"):
+        model = tome_kernels.patch.hf(bench_model.HF_MODELS["vit-base"](224))
+    assert bench_model.hf_num_tokens(model, 224) == 197
+    for r in (None, tome_kernels.patch.parse_r(16, 12)):
+        assert bench_model.hf_vit_flops(model, 224, 2, r) == pytest.approx(bench_model.vit_flops(reference_model, 197, 2, r), rel=1e-12)
+
+
+def test_bench_model_cli_runs_an_hf_model():
+    from tome_kernels import bench_model
+
+    rows = bench_model.main(["--model", "hf:siglip-base", "--img-size", "64", "--batch", "1", "--sweep", "0,4",
+                             "--rounds", "1", "--warmup", "0", "--threads", "1", "--no-progress"])
+    assert [row["kind"] for row in rows] == ["baseline", "tome", "tome"]
+    assert rows[1]["ceiling"] == 1.0 and rows[2]["ceiling"] > 1.0
+    with pytest.raises(SystemExit, match="hf:vit-base"):
+        bench_model.family_for("hf:nothing")
