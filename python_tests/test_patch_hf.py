@@ -414,6 +414,19 @@ def test_pickle_and_deepcopy_of_a_patched_model():
             assert torch.equal(clone(x).logits, expected)
 
 
+def test_unpickled_model_keeps_output_capture():
+    from transformers.utils import output_capturing
+
+    model = tome_kernels.patch.hf(make("vit", torch.float32), r=8)
+    data = pickle.dumps(model)
+    for module in (model, model.vit):  # as in a fresh process, which never registered the ToMe classes
+        output_capturing._CAN_RECORD_REGISTRY.pop(str(type(module)), None)
+    clone = pickle.loads(data)
+    with torch.no_grad():
+        out = clone(images(clone), output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [65, 57, 49, 41]
+
+
 def test_threads_share_one_patched_model():
     model = tome_kernels.patch.hf(make("siglip", torch.float32), r=[10, 3, 7])
     inputs = [images(model, batch=1 + i % 3, seed=i) for i in range(6)]

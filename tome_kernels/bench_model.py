@@ -249,14 +249,13 @@ class HfFamily(Family):
         return model_name.startswith("hf:") and model_name[3:] in HF_MODELS
 
     def build(self, args, device, dtype):
-        from tome_kernels.patch import hf as patch_hf
-        from tome_kernels.patch import parse_r
+        from tome_kernels.patch import apply_patch, parse_r
 
         if args.pretrained:
             raise SystemExit("bench_model: hf: models are built from configs (random weights); no --pretrained")
         img_size = args.img_size or 224
         baseline = HF_MODELS[args.model[3:]](img_size).to(device=device, dtype=dtype).eval()
-        tome = patch_hf(copy_sharing_weights(baseline), prop_attn=args.prop_attn, attn_impl=args.attn_impl)
+        tome = apply_patch(copy_sharing_weights(baseline), prop_attn=args.prop_attn, attn_impl=args.attn_impl)
         info = tome._tome_info
         num_layers, protected = len(info["r"]), info["num_prefix_tokens"]
         num_tokens = hf_num_tokens(tome, img_size)

@@ -18,7 +18,7 @@ Before the first merge (all sizes 1), or without ``prop_attn``, attention runs t
 attention interface (``config._attn_implementation``: SDPA, eager, ...), so r = 0 reproduces the unpatched
 model. Once tokens have merged it is proportional, ``softmax(q kᵀ · scale + log size) v``:
 ``torch.ops.tome.prop_attention`` or ``F.scaled_dot_product_attention`` with a log-size bias
-(``attn_impl``, as :func:`tome_kernels.patch.timm.apply_patch`). Prefix tokens never merge: the class token
+(``attn_impl``, as :func:`tome_kernels.patch.timm`). Prefix tokens never merge: the class token
 (ViT, DINOv2, CLIP), class and distillation tokens (DeiT), class and register tokens (DINOv2 with
 registers); SigLIP has none. SigLIP's attention-pooling head adds ``log size`` to its logits.
 
@@ -45,6 +45,7 @@ from torch import nn
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 
 from . import _toolkit as tk
+from .timm_vit import _source_or_identity
 
 __all__ = ["hf", "FAMILIES"]
 
@@ -190,16 +191,26 @@ class _ToMeCLIPLayer(_ToMeLayer):
         return self.mlp(self.layer_norm2(x))
 
 
-def _source_or_identity(source: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """``source``, or the identity map ``[B, N, N]`` for the ``[B, N, ...]`` tokens when nothing merged yet."""
-    if source is not None:
-        return source
-    batch, num_tokens = tokens.shape[:2]
-    eye = torch.eye(num_tokens, dtype=tokens.dtype, device=tokens.device)
-    return eye.expand(batch, num_tokens, num_tokens)
+def _keep_output_capture(module: nn.Module) -> None:
+    """Register ``module``'s (swapped) class for transformers' output capture (``output_hidden_states`` /
+    ``output_attentions``), which looks a model's recordable outputs up by the name of its class; done when
+    patching and again when a patched model is unpickled in another process."""
+    from transformers.utils import output_capturing
+
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if registry is not None and getattr(module, "_can_record_outputs", None):
+        registry[module] = module._can_record_outputs
 
 
-class _ToMeBackbone:
+class _KeepsOutputCapture:
+    """A patched transformers model that re-registers its class for output capture when unpickled."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _keep_output_capture(self)
+
+
+class _ToMeBackbone(_KeepsOutputCapture):
     """The vision backbone (embeds the image, runs the encoder layers): ``r`` and the state of a forward."""
 
     r = tk.r_property(lambda model: len(model._tome_info["r"]))
@@ -222,7 +233,7 @@ class _ToMeBackbone:
         return out
 
 
-class _ToMeWrapper:
+class _ToMeWrapper(_KeepsOutputCapture):
     """A model holding the vision backbone (a classifier, a two-tower model): ``r`` is the backbone's."""
 
     @property
@@ -327,15 +338,8 @@ def find_family(model: nn.Module) -> tuple[Family, str] | None:
 
 
 def _swap_class(module: nn.Module, mixin: type) -> None:
-    """:func:`tk.swap_class`, keeping transformers' output capture (``output_hidden_states`` /
-    ``output_attentions``), which looks a model's recordable outputs up by the name of its class."""
-    from transformers.utils import output_capturing
-
-    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
-    flags = registry.get(module) if registry is not None and hasattr(module, "config") else None
     tk.swap_class(module, mixin)
-    if flags:
-        registry[module] = flags
+    _keep_output_capture(module)
 
 
 def _patch(model: nn.Module, family: Family, backbone_path: str, r, trace_source: bool, prop_attn: bool,
