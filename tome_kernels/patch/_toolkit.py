@@ -5,10 +5,13 @@ only the methods ToMe changes) and an apply function, and registers itself once:
 
     from . import _toolkit as tk
 
+    FAMILY = "my_family"
+    KNOWN_CODE = {"Block.forward": {"0cd0a1e21c7255f9"}}  # fingerprints of the library methods rendered here
+
     class _ToMeBlock:                                   # put in front of the library's Block, per instance
         def forward(self, x):
             call = tk.current_call()                    # this forward's state (None: block run on its own)
-            ...                                         # read call.config, update call.size / call.source
+            ...                                         # read call.config / call.r, update call.size
 
     class _ToMeModel:
         r = tk.r_property(lambda model: len(model.blocks))   # int, (r, inflection) or per-layer list
@@ -16,16 +19,27 @@ only the methods ToMe changes) and an apply function, and registers itself once:
         def forward(self, *args, **kwargs):
             return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
 
-    @tk.register_family("my_family", ("library.module.ModelClass",), "library ModelClass (model names)")
-    def apply_patch(model, r=0, *, prop_attn=True, attn_impl="auto"):
-        tk.check_forward(model.blocks[0], Block, "forward", FAMILY, KNOWN_FORWARDS)  # refuse unknown code
+        def _tome_start(self) -> tk.Call:               # a fresh state per forward
+            return tk.Call(self._tome_info, r=tk.parse_r(self.r, len(self.blocks)), size=None)
+
+        def _tome_finish(self, call: tk.Call) -> None:  # what users read after a forward
+            self._tome_info.update(r=call.r, size=call.size)
+
+    @tk.register_family(FAMILY, ("library.module.ModelClass",), "library ModelClass (model names)")
+    def my_family(model, r=0, *, prop_attn=True, attn_impl="auto"):
+        for index, block in enumerate(model.blocks):    # refuse overridden or changed library code
+            tk.check_forward(block, Block, "forward", FAMILY, KNOWN_CODE, where=f"block {index}")
         tk.swap_class(model, _ToMeModel)
         for layer, block in enumerate(model.blocks):
             tk.swap_class(block, _ToMeBlock)
             block._tome_layer = layer
-        model._tome_info = {...configuration...}
+        model._tome_info = {"prop_attn": prop_attn, "attn_impl": tk.resolve_attn_impl(attn_impl, model)}
         model.r = r
         return model
+
+and imports the file in ``tome_kernels/patch/__init__.py`` (``from .my_family import my_family``). Then
+``tome_kernels.patch.apply_patch(model, r=8)`` patches such a model and ``tome_kernels.patch.unpatch(model)``
+reverts it.
 
 What the toolkit gives:
 
@@ -80,7 +94,8 @@ import tome_kernels
 
 __all__ = [
     "ATTN_IMPLS", "Call", "Family", "add_hook", "apply_patch", "attention", "check_forward", "class_path",
-    "current_call", "families", "fingerprint", "merge_count", "original_class", "parse_r", "patched_class",
+    "current_call", "families", "find_family", "fingerprint", "merge_count", "original_class", "parse_r",
+    "patched_class",
     "r_property", "register_family", "resolve_attn_impl", "run_call", "swap_class", "unpatch",
 ]
 
@@ -254,8 +269,9 @@ def current_call() -> Call | None:
 def run_call(model: nn.Module, start: Callable[[], Call], forward: Callable, args, kwargs,
              finish: Callable[[Call], None] | None = None):
     """``forward(*args, **kwargs)`` with a fresh ``start()`` :class:`Call` current in this thread; then
-    ``finish(call)`` (e.g. publish results to ``model._tome_info``). A forward of a module with the same
-    mixin inside the running one (e.g. DETR's detection model calling its patched inner model) joins it."""
+    ``finish(call)`` (e.g. publish results to ``model._tome_info``; skipped while ``torch.export`` traces).
+    A forward of a module with the same mixin inside the running one (e.g. DETR's detection model calling
+    its patched inner model) joins it."""
     mixin = type(model).__mro__[1]
     outer = current_call()
     if outer is not None and outer.mixin is mixin:
@@ -267,7 +283,7 @@ def run_call(model: nn.Module, start: Callable[[], Call], forward: Callable, arg
         out = forward(*args, **kwargs)
     finally:
         _LOCAL.call = outer
-    if finish is not None:
+    if finish is not None and not torch.compiler.is_exporting():  # an export trace's tensors are not results
         finish(call)
     return out
 
