@@ -365,6 +365,10 @@ def test_attention_mask_is_refused_once_tokens_merge():
         model.r = 4
         with pytest.raises(NotImplementedError, match="attention_mask"):
             model.vit(x, attention_mask=mask)
+        with pytest.raises(NotImplementedError, match="attention_mask"):
+            model.vit(x, None, None, mask)  # positional
+        with pytest.raises(NotImplementedError, match="attention_mask"):
+            model(x, attention_mask=mask)  # through the classifier
 
 
 def test_gradients_flow_and_checkpointing_is_refused():
@@ -462,3 +466,18 @@ def test_bench_model_cli_runs_an_hf_model():
     assert rows[1]["ceiling"] == 1.0 and rows[2]["ceiling"] > 1.0
     with pytest.raises(SystemExit, match="hf:vit-base"):
         bench_model.family_for("hf:nothing")
+
+
+@pytest.mark.parametrize("case", ["vit", "siglip"])
+def test_torch_export(case):
+    model = tome_kernels.patch.hf(make(case, torch.float32), r=[6, 4, 5])
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x)
+        program = torch.export.export(model, (x,))
+        actual = program.module()(x)
+        again = model(x)  # the eager model keeps working after the export trace
+    for key, value in expected.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-5)
+            assert torch.equal(again[key], value)

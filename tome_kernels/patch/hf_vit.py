@@ -37,6 +37,7 @@ after each forward, the results under the keys of the timm patch (``r``, ``size`
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -133,13 +134,15 @@ class _ToMeLayer:
             hidden_states = y + hidden_states
             return self._tome_mlp_branch(hidden_states) + hidden_states
         config = call.config
+        if attention_mask is not None and call.size is not None and not call.user_mask:
+            attention_mask = None  # the all-visible mask transformers builds while tracing for export
         size = call.size if config["prop_attn"] else None
         y, metric = self._tome_attention_branch(hidden_states, attention_mask, size, config["attn_impl"], kwargs)
         hidden_states = y + hidden_states
 
         r = call.r[self._tome_layer]
         if r > 0:
-            if attention_mask is not None:
+            if attention_mask is not None and call.user_mask:
                 raise NotImplementedError("tome: an attention_mask cannot follow merged tokens; pass none or set "
                                           "model.r = 0")
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -226,8 +229,11 @@ class _ToMeBackbone(_KeepsOutputCapture):
         return tk.run_call(self, self._tome_start, self._tome_forward, args, kwargs, self._tome_finish)
 
     def _tome_forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
         call = tk.current_call()
+        position = self._tome_mask_position
+        mask = args[position] if position is not None and len(args) > position else kwargs.get("attention_mask")
+        call.user_mask = mask is not None
+        out = super().forward(*args, **kwargs)
         if call.config["trace_source"] and call.source is None:
             call.source = _source_or_identity(None, out.last_hidden_state)
         return out
@@ -378,6 +384,8 @@ def _patch(model: nn.Module, family: Family, backbone_path: str, r, trace_source
         module.__dict__.pop("r", None)
         module._tome_info = info
     _swap_class(backbone, _ToMeBackbone)
+    parameters = list(inspect.signature(tk.original_class(backbone).forward).parameters)[1:]  # after self
+    backbone._tome_mask_position = parameters.index("attention_mask") if "attention_mask" in parameters else None
     if backbone is not model:
         _swap_class(model, _ToMeWrapper)
         model._tome_backbone = backbone_path
