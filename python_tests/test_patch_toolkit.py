@@ -22,10 +22,11 @@ from tome_kernels.patch import _toolkit as tk  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:tome_kernels. no compiled backend")
 
 
-def small_vit(seed: int = 0):
+def small_vit(seed: int = 0, name: str = "vit_tiny_patch16_224"):
+    """The ViT of the thread report (img 64, patch 8, dim 64, depth 6, heads 2); ``name`` a RoPE one too."""
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=64,
-                             depth=6, num_heads=2).eval()
+    return timm.create_model(name, pretrained=False, img_size=64, patch_size=8, embed_dim=64, depth=6,
+                             num_heads=2).eval()
 
 
 def small_detr():
@@ -44,8 +45,11 @@ def detr_images(batch: int = 1, seed: int = 1):
     return images(batch, seed)
 
 
-def patched_vit(r=8, **options):
-    model = tome_kernels.patch.timm(small_vit(), trace_source=True, **options)
+ROPE = "vit_small_patch16_rope_mixed_224"  # timm Eva with per-layer rotary tables
+
+
+def patched_vit(r=8, name: str = "vit_tiny_patch16_224", **options):
+    model = tome_kernels.patch.timm(small_vit(name=name), trace_source=True, **options)
     model.r = r
     return model
 
@@ -62,6 +66,8 @@ def detr_outputs(model, x):
 def test_apply_patch_finds_the_family():
     vit = tome_kernels.patch.apply_patch(small_vit(), r=4, attn_impl="op")
     assert vit.r == 4 and vit._tome_info["attn_impl"] == "op"
+    eva = tome_kernels.patch.apply_patch(small_vit(name=ROPE), r=(4, 1), pos_mode="mean")
+    assert eva.r == (4, 1) and eva._tome_info["pos_mode"] == "mean" and type(eva).__name__ == "ToMeEva"
     detr = tome_kernels.patch.apply_patch(small_detr(), er=3)
     assert detr.er == 3
     assert set(tome_kernels.patch.families()) >= {"timm", "detr"}
@@ -150,8 +156,9 @@ def vit_forward(model, x):
         return model(x)
 
 
-def test_threads_share_a_patched_vit():
-    model = patched_vit(r=8)
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", ROPE])
+def test_threads_share_a_patched_vit(name):
+    model = patched_vit(r=8, name=name)
     inputs = [vit_images(seed=1), vit_images(seed=2)]
     expected = [vit_forward(model, x) for x in inputs]
     outputs, errors = run_threads(model, inputs, vit_forward)
@@ -193,8 +200,9 @@ def round_trips(model):
     yield torch.load(buffer, weights_only=False)
 
 
-def test_pickle_and_torch_save_vit():
-    model = patched_vit(r=8)
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", ROPE])
+def test_pickle_and_torch_save_vit(name):
+    model = patched_vit(r=8, name=name)
     x = vit_images()
     expected = vit_forward(model, x)
     for loaded in round_trips(model):
@@ -227,9 +235,10 @@ def test_torch_load_in_a_fresh_process(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # torch.export
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("attn_impl", ["op", "sdpa"])
-def test_export_then_eager(attn_impl):
-    model = patched_vit(r=8, attn_impl=attn_impl)
+@pytest.mark.parametrize("name, attn_impl", [("vit_tiny_patch16_224", "op"), ("vit_tiny_patch16_224", "sdpa"),
+                                             (ROPE, "sdpa")])
+def test_export_then_eager(name, attn_impl):
+    model = patched_vit(r=8, name=name, attn_impl=attn_impl)
     x = vit_images()
     expected = vit_forward(model, x)
     exported = torch.export.export(model, (x,))
@@ -240,5 +249,4 @@ def test_export_then_eager(attn_impl):
         if r == 8:
             assert torch.equal(out, expected)
         assert model._tome_info["size"] is None or model._tome_info["size"].shape[1] == 65 - 6 * r
-    model.r = 8
-    assert torch.equal(vit_forward(patched_vit(r=8, attn_impl=attn_impl), x), expected)
+    assert torch.equal(vit_forward(patched_vit(r=8, name=name, attn_impl=attn_impl), x), expected)

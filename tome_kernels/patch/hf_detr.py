@@ -185,7 +185,7 @@ def _decoder_active(info) -> bool:
     return info["er"] > 0 or info["mr"] > 0 or info["dr"] > 0 or info["_force"]
 
 
-def _check_forward(module, info, kwargs) -> None:
+def _check_call_options(module, info, kwargs) -> None:
     if not _decoder_active(info):
         return
     config = module.config
@@ -378,7 +378,7 @@ class _ToMeDetr:
 
 def _start(model: nn.Module, kwargs: dict) -> tk.Call:
     info = dict(model._tome_info)  # this forward's settings, whatever another thread sets meanwhile
-    _check_forward(model, info, kwargs)
+    _check_call_options(model, info, kwargs)
     return tk.Call(info, enc=None, mem=None, dec=None, encoder_r=[], decoder_r=[], memory_r=0,
                    published=model._tome_info)
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _toolkit as tk
-from .timm_vit import FAMILY, _source_or_identity, _ToMeVisionTransformer, config, install
+from .timm_vit import FAMILY, _ToMeVisionTransformer, config, install
 
 __all__ = ["patch_eva"]
 
@@ -117,15 +117,9 @@ class _ToMeEvaBlock:
         x = x + self.drop_path1(y if self.gamma_1 is None else self.gamma_1 * y)
 
         if r > 0:
-            config = call.config
-            protected = config["num_prefix_tokens"]
             pos = call.pos if call.pos is not None else _initial_pos(call, x)
-            x, pos, call.size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
-                x, pos, call.size, r, metric=metric, protected=protected, pos_mode=config["pos_mode"])
-            call.pos = pos if call.rope is not None else None
-            if config["trace_source"]:
-                call.source = torch.ops.tome.merge_source(
-                    _source_or_identity(call.source, metric), unm_idx, src_idx, dst_idx, protected)
+            x, call.pos = tk.merge_tokens(call, x, metric, r, call.config["num_prefix_tokens"], pos,
+                                          call.config["pos_mode"])
 
         y = self.mlp(self.norm2(x))
         return x + self.drop_path2(y if self.gamma_2 is None else self.gamma_2 * y)

@@ -101,26 +101,12 @@ class _ToMeBlock:
 
         r = call.r[self._tome_layer]
         if r > 0:
-            protected = config["num_prefix_tokens"]
-            x, _, call.size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
-                x, None, call.size, r, metric=metric, protected=protected)
-            if config["trace_source"]:
-                call.source = torch.ops.tome.merge_source(
-                    _source_or_identity(call.source, metric), unm_idx, src_idx, dst_idx, protected)
+            x, _ = tk.merge_tokens(call, x, metric, r, config["num_prefix_tokens"])
 
         return x + self._tome_mlp(x)
 
     def _tome_mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def _source_or_identity(source: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """``source``, or the identity map ``[B, N, N]`` for the ``[B, N, ...]`` tokens when nothing merged yet."""
-    if source is not None:
-        return source
-    batch, num_tokens = tokens.shape[:2]
-    eye = torch.eye(num_tokens, dtype=tokens.dtype, device=tokens.device)
-    return eye.expand(batch, num_tokens, num_tokens)
 
 
 class _ToMeVisionTransformer:
@@ -150,7 +136,7 @@ class _ToMeVisionTransformer:
         x = super().forward_features(*args, **kwargs)
         call = tk.current_call()
         if call.config["trace_source"] and call.source is None:
-            call.source = _source_or_identity(None, x)
+            call.source = tk.source_or_identity(None, x)
         return x
 
     def forward_intermediates(self, *args, **kwargs):
@@ -183,7 +169,7 @@ class _ToMeVisionTransformer:
             return self.attn_pool(tokens, attn_mask=bias)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type in ("avg", "avgmax"):
-            mean = (tokens * size).sum(dim=1) / size.sum(dim=1)
+            mean = tk.weighted_mean(tokens, size)
             return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
         return super().pool(x, pool_type)  # 'token', 'max', '': sizes do not enter
 
