@@ -46,7 +46,6 @@ from torch import nn
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 
 from . import _toolkit as tk
-from .timm_vit import _source_or_identity
 
 __all__ = ["hf", "FAMILIES"]
 
@@ -148,12 +147,7 @@ class _ToMeLayer:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 raise NotImplementedError("tome: gradient checkpointing would recompute the layers with the last "
                                           "layer's token sizes; call model.activation_checkpointing_disable()")
-            protected = config["num_prefix_tokens"]
-            hidden_states, _, call.size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
-                hidden_states, None, call.size, r, metric=metric, protected=protected)
-            if config["trace_source"]:
-                call.source = torch.ops.tome.merge_source(
-                    _source_or_identity(call.source, metric), unm_idx, src_idx, dst_idx, protected)
+            hidden_states, _ = tk.merge_tokens(call, hidden_states, metric, r, config["num_prefix_tokens"])
 
         return self._tome_mlp_branch(hidden_states) + hidden_states
 
@@ -235,7 +229,7 @@ class _ToMeBackbone(_KeepsOutputCapture):
         call.user_mask = mask is not None
         out = super().forward(*args, **kwargs)
         if call.config["trace_source"] and call.source is None:
-            call.source = _source_or_identity(None, out.last_hidden_state)
+            call.source = tk.source_or_identity(None, out.last_hidden_state)
         return out
 
 
