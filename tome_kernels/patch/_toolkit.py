@@ -254,8 +254,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 # Per-call state
 # ----------------------------------------------------------------------------------------------------
 class Call:
-    """The state of one forward of one patched model: ``config`` (the model's ``_tome_info`` at the start)
-    plus whatever fields the family sets (sizes, sources, per-layer merge counts, ...)."""
+    """The state of one forward of one patched model: ``config`` (the model's ``_tome_info`` at the start),
+    ``mixin`` (the mixin of the module whose forward made it, set by :func:`run_call`) plus whatever fields the
+    family sets (sizes, sources, per-layer merge counts, ...)."""
 
     def __init__(self, config: dict, **fields):
         self.config = config
