@@ -12,7 +12,8 @@ merging: a ToMe implementation with free merging and free bookkeeping would reac
 
 Dispatch on ``--model``: DETR names (``--model detr-resnet-50 --er 100 --mr 100``) hand the whole command
 line to :mod:`tome_kernels.bench_detr` (its own options and an Amdahl ceiling: the backbone does not
-merge); other families here (:data:`FAMILIES`, today timm) add their options and build a :class:`Workload`.
+merge); other families here (:data:`FAMILIES`: timm, and transformers models as ``--model hf:vit-base``, see
+:data:`HF_MODELS`) add their options and build a :class:`Workload`.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class TimmFamily(Family):
         return timm.is_model(model_name)
 
     def add_arguments(self, parser):
-        group = parser.add_argument_group("timm ViT options")
+        group = parser.add_argument_group("ViT options (timm and hf: models)")
         group.add_argument("--r", default="16", help="tokens merged per layer: N, 'N,inflection' or "
                                                    "'[n1,n2,...]' (default 16)")
         group.add_argument("--sweep", default=None, help="comma-separated r values to time instead of --r")
@@ -173,6 +174,106 @@ class TimmFamily(Family):
                        f"{baseline.num_prefix_tokens} prefix), batch {args.batch}, prop_attn={args.prop_attn} "
                        f"(attn_impl={tome._tome_info['attn_impl']})")
         return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops, free_merge)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers vision models (random weights, from configs)
+# ----------------------------------------------------------------------------------------------------
+def _hf(name: str, config: str, **config_kwargs) -> Callable[[int], nn.Module]:
+    """A builder ``image size -> model`` for ``transformers.<name>(transformers.<config>(...))``."""
+    def build(img_size: int) -> nn.Module:
+        import transformers
+
+        return getattr(transformers, name)(getattr(transformers, config)(image_size=img_size, **config_kwargs))
+    return build
+
+
+_VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16)
+
+# ``--model hf:<key>``: builders of Base-size models at their usual input (224 px; DINOv2's 14 px patches).
+HF_MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "vit-base": _hf("ViTForImageClassification", "ViTConfig", num_labels=1000, **_VIT_B16),
+    "deit-base-distilled": _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=1000, **_VIT_B16),
+    "dinov2-base": _hf("Dinov2Model", "Dinov2Config"),
+    "dinov2-reg-base": _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", patch_size=14),
+    "clip-vit-b16": _hf("CLIPVisionModel", "CLIPVisionConfig", **_VIT_B16),
+    "siglip-base": _hf("SiglipVisionModel", "SiglipVisionConfig", **_VIT_B16),
+}
+
+
+def hf_vit_flops(tome: nn.Module, img_size: int, batch: int, r_per_layer: Sequence[int] | None = None) -> float:
+    """FLOPs of a forward of a ToMe-patched transformers ViT-like model ``tome`` (the unpatched model's with
+    ``r_per_layer`` None): per encoder layer the attention projections and ``q kᵀ``, ``p v`` at the tokens
+    entering attention and the MLP at the tokens left after merging; the patch embedding and every other
+    linear layer (heads) once per image, except a SigLIP attention-pooling head, whose keys and values are
+    projected from every remaining token."""
+    layers = sorted((m for m in tome.modules() if hasattr(m, "_tome_layer")), key=lambda m: m._tome_layer)
+    r_per_layer = [0] * len(layers) if r_per_layer is None else r_per_layer
+    counts = vit_token_counts(hf_num_tokens(tome, img_size), r_per_layer, tome._tome_info["num_prefix_tokens"])
+    total, counted = 0.0, set()
+    for layer, (n_attn, n_mlp) in zip(layers, counts):
+        attn = getattr(layer, "attention", None) or layer.self_attn
+        total += n_attn * _linear_flops(attn) + 4 * n_attn * n_attn * attn.q_proj.out_features
+        total += n_mlp * _linear_flops(layer.mlp)
+        counted.update(id(m) for m in layer.modules())
+    for head in tome.modules():
+        if hasattr(head, "probe"):  # SigLIP: one probe attends to the last tokens
+            channels = head.probe.shape[-1]
+            total += counts[-1][1] * (4 * channels * channels + 4 * channels) + 4 * channels * channels
+            total += _linear_flops(head.mlp)
+            counted.update(id(m) for m in head.modules())
+    for module in tome.modules():
+        if isinstance(module, nn.Conv2d):  # the patch embedding
+            total += 2 * (img_size // module.stride[0]) * (img_size // module.stride[1]) * module.out_channels \
+                * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Linear) and id(module) not in counted:
+            total += 2 * module.in_features * module.out_features
+    return total * batch
+
+
+def hf_num_tokens(tome: nn.Module, img_size: int) -> int:
+    """Tokens entering the first layer of a patched transformers ViT-like model at ``img_size`` px."""
+    conv = next(m for m in tome.modules() if isinstance(m, nn.Conv2d))
+    patches = (img_size // conv.stride[0]) * (img_size // conv.stride[1])
+    return patches + tome._tome_info["num_prefix_tokens"]
+
+
+class HfFamily(Family):
+    """transformers ViT, DeiT, DINOv2, CLIP and SigLIP vision models: ``--model hf:<key>`` of
+    :data:`HF_MODELS`; the timm options (``--r``, ``--sweep``, ``--img-size``, ``--prop-attn``,
+    ``--attn-impl``) apply."""
+
+    name = "hf"
+
+    def matches(self, model_name: str) -> bool:
+        return model_name.startswith("hf:") and model_name[3:] in HF_MODELS
+
+    def build(self, args, device, dtype):
+        from tome_kernels.patch import apply_patch, parse_r
+
+        if args.pretrained:
+            raise SystemExit("bench_model: hf: models are built from configs (random weights); no --pretrained")
+        img_size = args.img_size or 224
+        baseline = HF_MODELS[args.model[3:]](img_size).to(device=device, dtype=dtype).eval()
+        tome = apply_patch(copy_sharing_weights(baseline), prop_attn=args.prop_attn, attn_impl=args.attn_impl)
+        info = tome._tome_info
+        num_layers, protected = len(info["r"]), info["num_prefix_tokens"]
+        num_tokens = hf_num_tokens(tome, img_size)
+        inputs = (torch.randn(args.batch, 3, img_size, img_size, device=device, dtype=dtype),)
+        settings = ([int(v) for v in args.sweep.split(",")] if args.sweep else [_parse_r_arg(args.r)])
+        for r in settings:
+            parse_r(r, num_layers)  # bad values fail before any timing
+
+        def apply(r):
+            tome.r = r
+
+        def flops(r):
+            return hf_vit_flops(tome, img_size, args.batch, None if r is None else parse_r(r, num_layers))
+
+        description = (f"{args.model} ({type(baseline).__name__}, random weights) {img_size}x{img_size} "
+                       f"({num_tokens} tokens, {protected} prefix), batch {args.batch}, prop_attn={args.prop_attn} "
+                       f"(attn_impl={info['attn_impl']}, attention {baseline.config._attn_implementation})")
+        return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops)
 
 
 def _parse_r_arg(text: str):
@@ -266,7 +367,7 @@ class YolosFamily(Family):
         return Workload(description, inputs, args.batch, baseline, tome, settings, "r", apply, flops)
 
 
-FAMILIES: list[Family] = [TimmFamily(), YolosFamily()]
+FAMILIES: list[Family] = [TimmFamily(), HfFamily(), YolosFamily()]
 
 
 def family_for(model_name: str) -> Family:
@@ -274,7 +375,8 @@ def family_for(model_name: str) -> Family:
         if family.matches(model_name):
             return family
     raise SystemExit(f"bench_model: no model family knows {model_name!r} (families: "
-                     f"{', '.join(f.name for f in FAMILIES)}; timm names as in timm.list_models())")
+                     f"{', '.join(f.name for f in FAMILIES)}; timm names as in timm.list_models(), "
+                     f"{', '.join('hf:' + key for key in HF_MODELS)})")
 
 
 # ----------------------------------------------------------------------------------------------------

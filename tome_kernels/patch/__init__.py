@@ -4,17 +4,19 @@
 ``tome_kernels.patch.unpatch(model)`` reverts any family. The family calls stay public:
 ``tome_kernels.patch.timm(model, trace_source=False, prop_attn=True)`` (timm ViTs; then set ``model.r``) and
 ``tome_kernels.patch.detr(model, er=0, mr=0, dr=0, prop_attn=True, pos_mode="keep")`` (transformers DETR),
+``tome_kernels.patch.hf(model, r=0)`` (transformers ViT, DeiT, DINOv2, CLIP and SigLIP vision models) and
 ``tome_kernels.patch.yolos(model, r=0, pos_mode="keep")`` (transformers YOLOS).
 Only the patched instance changes: classes of the instance and its layers are swapped for ToMe subclasses;
-no library code is modified. The family modules are ``timm_vit`` and ``hf_detr``; the machinery they share
+no library code is modified. The family modules are ``timm_vit``, ``timm_eva``, ``hf_vit``, ``hf_yolos`` and ``hf_detr``; the machinery they share
 (and how to add a family) is in ``_toolkit``.
 """
 
 from ._toolkit import apply_patch, families, parse_r, unpatch
 from .hf_detr import detr
+from .hf_vit import hf
 from .hf_yolos import yolos
 from .timm_vit import timm
 
 detr_unpatch = unpatch  # the name of earlier releases
 
-__all__ = ["apply_patch", "unpatch", "families", "parse_r", "timm", "detr", "yolos", "detr_unpatch"]
+__all__ = ["apply_patch", "unpatch", "families", "parse_r", "timm", "detr", "hf", "yolos", "detr_unpatch"]
