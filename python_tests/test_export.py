@@ -155,3 +155,37 @@ def test_export_cli(tmp_path, capsys):
                  "--check", "1"])
     printed = capsys.readouterr().out
     assert "max abs difference" in printed and "onnxruntime" in printed
+
+
+def test_detr_export_and_onnx_equal_eager(tmp_path):
+    """DETR with merged encoder tokens, memory and queries (no pixel_mask: no padding)."""
+    pytest.importorskip("transformers")
+    from test_patch_detr import images, make_model
+
+    class Detections(torch.nn.Module):
+        def __init__(self, detr):
+            super().__init__()
+            self.detr = detr
+
+        def forward(self, pixel_values):
+            out = self.detr(pixel_values=pixel_values)
+            return out.logits, out.pred_boxes
+
+    model = make_model()
+    tome_kernels.patch.detr(model, er=20, mr=20, dr=2)
+    wrapped = Detections(model).eval()
+    batches = {batch: images(batch, seed=batch) for batch in (1, 3)}
+    with torch.no_grad():
+        expected = {batch: wrapped(pixels) for batch, pixels in batches.items()}
+    program = export.export_program(wrapped, (batches[1],))
+    assert any("tome" in str(node.target) for node in program.graph.nodes)
+    for batch, pixels in batches.items():
+        for got, want in zip(program.module()(pixels), expected[batch]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / "detr.onnx")
+    export.export_onnx(wrapped, (batches[1],), path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch, pixels in batches.items():
+        got = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
+        for g, want in zip(got, expected[batch]):
+            torch.testing.assert_close(torch.from_numpy(g), want, rtol=1e-4, atol=1e-4)

@@ -160,12 +160,17 @@ def decompositions() -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Export entry points
 # ----------------------------------------------------------------------------------------------------
-def _dynamic_batch(example_inputs: tuple) -> tuple[tuple, tuple]:
-    """Example inputs with a batch of at least 2 (export specialises a batch of 1) and their dynamic dims."""
+def _dynamic_batch(example_inputs: tuple):
+    """Example inputs with a batch of at least 2 (export specialises a batch of 1), and their dynamic batch
+    dimension given per tensor (so any forward signature, ``*args`` included, takes it)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     examples = tuple(t.expand(2, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.shape[0] == 1 else t
                      for t in example_inputs)
-    return examples, tuple({0: batch} if isinstance(t, torch.Tensor) else None for t in examples)
+    shapes = torch.export.ShapesCollection()
+    for t in examples:
+        if isinstance(t, torch.Tensor):
+            shapes[t] = {0: batch}
+    return examples, shapes
 
 
 def export_program(model: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = True,
@@ -175,6 +180,8 @@ def export_program(model: torch.nn.Module, example_inputs: tuple, dynamic_batch:
     (:func:`decompositions`)."""
     example_inputs, dynamic_shapes = _dynamic_batch(tuple(example_inputs)) if dynamic_batch else (
         tuple(example_inputs), None)
+    if dynamic_shapes is not None:
+        dynamic_shapes = dynamic_shapes.dynamic_shapes(model, example_inputs)
     program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     return program.run_decompositions(decompositions()) if decompose else program
 
