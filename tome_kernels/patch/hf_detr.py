@@ -242,6 +242,13 @@ def _detr_call():
     return call if call is not None and call.mixin is _ToMeDetr else None
 
 
+def _padding_mask(call: tk.Call, mask):
+    """The mask of padded tokens, or None when the forward was given no pixel_mask: transformers then makes
+    an all-ones mask, and knowing that there is no padding spares a data-dependent check (which
+    torch.export and torch.compile(fullgraph=True) cannot trace)."""
+    return mask if call.pixel_mask_given else None
+
+
 def _encoder_pre_hook(module, args, kwargs):
     call = _detr_call()
     if call is None or not _encoder_active(call.config):
@@ -249,8 +256,8 @@ def _encoder_pre_hook(module, args, kwargs):
     info = call.config
     arguments = _bind(module, args, kwargs)
     x = arguments.get("inputs_embeds")
-    call.enc = _initial_tokens(x, arguments.get("attention_mask"), arguments.get("spatial_position_embeddings"),
-                               info["trace_source"])
+    call.enc = _initial_tokens(x, _padding_mask(call, arguments.get("attention_mask")),
+                               arguments.get("spatial_position_embeddings"), info["trace_source"])
     call.encoder_r = []
     return None
 
@@ -273,7 +280,7 @@ def _decoder_pre_hook(module, args, kwargs):
     if memory is not None:
         tokens = call.enc if (call.enc is not None and call.enc.output is memory) else None
         if tokens is None:  # memory from elsewhere (e.g. encoder_outputs=...): must still be full length
-            tokens = _initial_tokens(memory, arguments.get("encoder_attention_mask"),
+            tokens = _initial_tokens(memory, _padding_mask(call, arguments.get("encoder_attention_mask")),
                                      arguments.get("spatial_position_embeddings"), info["trace_source"])
         memory, call.memory_r = _merge(memory, tokens, info["mr"], memory, info["pos_mode"])
         call.mem = tokens
@@ -373,14 +380,16 @@ class _ToMeDetr:
     dr = _merge_count_property("dr")
 
     def forward(self, *args, **kwargs):
-        return tk.run_call(self, functools.partial(_start, self, kwargs), super().forward, args, kwargs, _finish)
+        return tk.run_call(self, functools.partial(_start, self, args, kwargs), super().forward, args, kwargs,
+                           _finish)
 
 
-def _start(model: nn.Module, kwargs: dict) -> tk.Call:
+def _start(model: nn.Module, args: tuple, kwargs: dict) -> tk.Call:
     info = dict(model._tome_info)  # this forward's settings, whatever another thread sets meanwhile
     _check_call_options(model, info, kwargs)
+    pixel_mask_given = kwargs.get("pixel_mask") is not None or (len(args) > 1 and args[1] is not None)
     return tk.Call(info, enc=None, mem=None, dec=None, encoder_r=[], decoder_r=[], memory_r=0,
-                   published=model._tome_info)
+                   published=model._tome_info, pixel_mask_given=pixel_mask_given)
 
 
 def _finish(call: tk.Call) -> None:

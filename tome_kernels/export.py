@@ -1,0 +1,279 @@
+"""Export of ToMe models: ``torch.export`` and ONNX, with the ``tome`` ops written in standard ops.
+
+``torch.export.export`` keeps the ``tome`` ops of a patched model as custom-op nodes (their fake kernels
+give the shapes), so the exported program runs wherever ``tome_kernels`` is imported. A runtime without
+``tome_kernels`` (onnxruntime, TensorRT, ...) needs the ops in standard operators: :func:`decompositions`
+maps each inference op to an out-of-place composition of ATen ops that the ONNX exporter translates to
+TopK, ArgMax, Gather, ScatterElements (add / max) and Div. The compositions follow the op contract
+exactly (the same matches, order and ties as every backend; README "The op contract")::
+
+    program = tome_kernels.export.export_program(model, (images,))            # dynamic batch
+    tome_kernels.export.export_onnx(model, (images,), "model.onnx")          # runs in onnxruntime
+
+``python -m tome_kernels.export --model vit_base_patch16_224 --r 16 --onnx out.onnx`` does the latter for a
+timm model and checks it in onnxruntime (`--compare`: r = 0 against r, timed in both runtimes). Only the inference ops are covered:
+an exported training graph is not a use case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from . import reference
+
+__all__ = ["decompositions", "export_program", "export_onnx", "main"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops as out-of-place ATen compositions (the token layout is reference.py's; N is static per call)
+# ----------------------------------------------------------------------------------------------------
+def _match(metric, r: int, protected: int):
+    batch, num_tokens, _ = metric.shape
+    r = reference.clamp_r(r, num_tokens, protected)
+    first_a, first_b = reference.first_a(protected), reference.first_b(protected)
+    num_a = reference.num_a(num_tokens, protected)
+    if r == 0 or reference.num_b(num_tokens, protected) == 0:
+        unm_idx = reference.a_positions(num_tokens, protected, metric.device).expand(batch, num_a)
+        empty = metric.new_zeros(batch, 0, dtype=torch.long)
+        return unm_idx.clone(), empty, empty.clone()
+    metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
+    scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(1, 2)
+    best_score, best_b = scores.max(dim=-1)  # ArgMax: the first maximum, the contract's tie rule
+    # rank = the number of A tokens ranked before: a higher best score, or an equal one at a lower position.
+    # Counting keeps the contract's tie order exactly, whatever a runtime's TopK does with ties.
+    slot = torch.arange(num_a, device=metric.device)
+    higher = best_score.unsqueeze(1) > best_score.unsqueeze(2)
+    tied_before = (best_score.unsqueeze(1) == best_score.unsqueeze(2)) & (slot < slot.unsqueeze(1))
+    rank = (higher | tied_before).sum(dim=-1)
+    if protected >= 1:  # unmerged A in ascending position, behind them the sources in rank order
+        unmerged = rank >= r
+        rank = torch.where(unmerged, unmerged.long().cumsum(dim=-1) - 1, num_a - r + rank)
+    order = torch.zeros_like(rank).scatter(1, rank, slot.expand(batch, num_a))  # the inverse permutation
+    if protected >= 1:
+        unm_rank, src_rank = order[:, :num_a - r], order[:, num_a - r:]
+    else:
+        src_rank, unm_rank = order[:, :r], order[:, r:]
+    dst_slot = best_b.gather(1, src_rank)
+    return first_a + 2 * unm_rank, first_a + 2 * src_rank, first_b + 2 * dst_slot
+
+
+def _groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx):
+    """``(rep, group)`` of reference.py, built with out-of-place scatters."""
+    batch, num_unmerged = unm_idx.shape
+    rep = reference.representatives(num_tokens, protected, unm_idx)
+    out_index = torch.arange(rep.shape[1], device=rep.device).expand(batch, -1)
+    group = torch.zeros(batch, num_tokens, dtype=torch.long, device=rep.device).scatter(1, rep, out_index)
+    group = group.scatter(1, src_idx, reference.b_output_index(dst_idx, num_unmerged, protected))
+    return rep, group
+
+
+def _tokens(index, channels: int):
+    return index.unsqueeze(-1).expand(-1, -1, channels)
+
+
+def _merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):
+    """``(x_out, pos_out, size_out [B, N - r])``; size is ``[B, N]`` or None."""
+    batch, num_tokens, channels = x.shape
+    num_out = num_tokens - src_idx.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rep, group = _groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    weight = x.new_ones(batch, num_tokens, dtype=acc) if size is None else size.to(acc)
+    size_out = weight.new_zeros(batch, num_out).scatter_add(1, group, weight)
+    members = torch.zeros_like(group[:, :num_out]).scatter_add(1, group, torch.ones_like(group))
+    singleton = (members == 1).unsqueeze(-1)
+
+    def weighted_mean(t):
+        total = t.new_zeros(batch, num_out, t.shape[-1], dtype=acc)
+        total = total.scatter_add(1, _tokens(group, t.shape[-1]), t.to(acc) * weight.unsqueeze(-1))
+        copied = t.gather(1, _tokens(rep, t.shape[-1])).to(acc)  # a token alone is copied, not re-divided
+        return torch.where(singleton, copied, total / size_out.unsqueeze(-1)).to(t.dtype)
+
+    x_out = weighted_mean(x)
+    if pos is None:
+        pos_out = x.new_empty(0)
+    else:
+        pos_out = weighted_mean(pos) if pos_mean else pos.gather(1, _tokens(rep, pos.shape[-1]))
+    return x_out, pos_out, size_out.to(x.dtype if size is None else size.dtype)
+
+
+def _size_2d(size):
+    return None if size is None else size.reshape(size.shape[0], size.shape[1])
+
+
+def _bipartite_merge(x, pos, size, r, metric=None, protected=0, pos_mode="keep"):
+    unm_idx, src_idx, dst_idx = _match(x if metric is None else metric, r, protected)
+    x_out, pos_out, size_out = _merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
+                                      pos_mode == "mean")
+    return x_out, pos_out, size_out.unsqueeze(-1), unm_idx, src_idx, dst_idx
+
+
+def _merge_op(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
+    x_out, pos_out, size_out = _merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
+                                      pos_mode == "mean")
+    return x_out, pos_out, size_out.unsqueeze(-1)
+
+
+def _unmerge(y, unm_idx, src_idx, dst_idx, protected=0):
+    num_tokens = y.shape[1] + src_idx.shape[1]
+    _, group = _groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    return y.gather(1, _tokens(group, y.shape[-1]))
+
+
+def _merge_source(source, unm_idx, src_idx, dst_idx, protected=0):
+    num_tokens = source.shape[1]
+    _, group = _groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
+    out = source.new_zeros(source.shape[0], num_tokens - src_idx.shape[1], source.shape[2])
+    return out.scatter_reduce(1, _tokens(group, source.shape[2]), source, reduce="amax")
+
+
+def _prop_attention(q, k, v, size, scale):
+    """``(out, lse)``; a row whose keys all have size 0 gets output 0 and lse -inf, as the contract."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    if size is not None:
+        logits = logits + size.reshape(size.shape[0], 1, 1, -1).to(acc).log()
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+    weights = (logits - peak).exp()
+    total = weights.sum(dim=-1, keepdim=True)
+    out = (weights @ v.to(acc)) / torch.where(total == 0, torch.ones_like(total), total)
+    return out.to(q.dtype), (total.log() + peak).squeeze(-1)
+
+
+def decompositions() -> dict:
+    """``{tome op overload: ATen composition}`` for ``ExportedProgram.run_decompositions``."""
+    ops = torch.ops.tome
+    return {
+        ops.bipartite_match.default: _match,
+        ops.bipartite_merge.default: _bipartite_merge,
+        ops._merge.default: _merge_op,
+        ops.unmerge.default: _unmerge,
+        ops.merge_source.default: _merge_source,
+        ops._prop_attention.default: _prop_attention,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export entry points
+# ----------------------------------------------------------------------------------------------------
+def _dynamic_batch(example_inputs: tuple):
+    """Example inputs with a batch of at least 2 (export specialises a batch of 1), and their dynamic batch
+    dimension given per tensor (so any forward signature, ``*args`` included, takes it)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    examples = tuple(t.expand(2, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.shape[0] == 1 else t
+                     for t in example_inputs)
+    shapes = torch.export.ShapesCollection()
+    for t in examples:
+        if isinstance(t, torch.Tensor):
+            shapes[t] = {0: batch}
+    return examples, shapes
+
+
+def export_program(model: torch.nn.Module, example_inputs: tuple, dynamic_batch: bool = True,
+                   decompose: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` (in eval mode; the batch dimension of every tensor input dynamic
+    by default); with ``decompose`` the ``tome`` ops are replaced by their ATen compositions
+    (:func:`decompositions`)."""
+    example_inputs, dynamic_shapes = _dynamic_batch(tuple(example_inputs)) if dynamic_batch else (
+        tuple(example_inputs), None)
+    if dynamic_shapes is not None:
+        dynamic_shapes = dynamic_shapes.dynamic_shapes(model, example_inputs)
+    program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    return program.run_decompositions(decompositions()) if decompose else program
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: tuple, path: str, dynamic_batch: bool = True,
+                opset: int = 18):
+    """Writes ``model`` as ONNX to ``path`` (standard operators only) and returns the ONNXProgram."""
+    program = export_program(model, example_inputs, dynamic_batch, decompose=True)
+    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                     optimize=True, external_data=False)
+    onnx_program.save(path)
+    return onnx_program
+
+
+def _interleaved_seconds(runs: dict, rounds: int) -> dict:
+    """Median seconds of each callable, timed round-robin so that load on the machine hits all alike."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tome_kernels.export",
+                                     description="Export a ToMe-patched timm model to ONNX (standard operators).")
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
+    parser.add_argument("--checkpoint", help="a state_dict file for the model (default: random weights)")
+    parser.add_argument("--r", default=16, type=int, help="tokens merged per layer")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    parser.add_argument("--batch", type=int, default=1, help="example batch (the graph's batch is dynamic)")
+    parser.add_argument("--onnx", required=True, help="output .onnx path")
+    parser.add_argument("--check", type=int, default=3,
+                        help="rounds of the onnxruntime check; with --compare, timing rounds (0: no check)")
+    parser.add_argument("--compare", action="store_true",
+                        help="also export r = 0 and time both in onnxruntime and PyTorch, interleaved")
+    args = parser.parse_args(argv)
+
+    import timm
+
+    from . import patch
+
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    model = timm.create_model(args.model, pretrained=False, **kwargs)
+    if args.checkpoint:
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu"))
+    model.eval()
+    patch.timm(model)
+    images = torch.randn(args.batch, *model.pretrained_cfg["input_size"][:1], *model.patch_embed.img_size)
+    model.r = args.r
+    with torch.no_grad():
+        expected = model(images).numpy()
+    export_onnx(model, (images,), args.onnx)
+    print(f"wrote {args.onnx} ({args.model}, r = {args.r}, dynamic batch)")
+    if args.check <= 0:
+        return
+    import numpy as np
+    import onnxruntime
+
+    def session(path):
+        return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    tome_session = session(args.onnx)
+    feed = {tome_session.get_inputs()[0].name: images.numpy()}
+    print(f"onnxruntime vs PyTorch (r = {args.r}): max abs difference "
+          f"{np.abs(tome_session.run(None, feed)[0] - expected).max():.2e}")
+    if not args.compare:
+        return
+    baseline_path = args.onnx.removesuffix(".onnx") + "_r0.onnx"
+    model.r = 0
+    export_onnx(model, (images,), baseline_path)
+    baseline_session = session(baseline_path)
+
+    def torch_run(r):
+        model.r = r
+        with torch.no_grad():
+            model(images)
+
+    seconds = _interleaved_seconds({
+        "onnxruntime r=0": lambda: baseline_session.run(None, feed),
+        f"onnxruntime r={args.r}": lambda: tome_session.run(None, feed),
+        "torch r=0": lambda: torch_run(0),
+        f"torch r={args.r}": lambda: torch_run(args.r),
+    }, args.check)
+    for name, value in seconds.items():
+        print(f"{name:>18}: {value * 1e3:8.1f} ms per batch of {args.batch} (median of {args.check}, interleaved)")
+    for runtime in ("onnxruntime", "torch"):
+        print(f"{runtime} speed-up at r = {args.r}: "
+              f"{seconds[f'{runtime} r=0'] / seconds[f'{runtime} r={args.r}']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
