@@ -11,6 +11,9 @@ Environment:
     TOME_BUILD_CUDA=0|1  skip / require the CUDA sources (default: build them when possible)
     TOME_SANITIZE=1      ASan + UBSan build of the C++ sources (see docs/RELIABILITY.md)
     TOME_CUDA_WERROR=1   nvcc warnings are errors (.ci/build_cuda.sh; see docs/CUDA.md)
+    TOME_BUILD_EXTENSION=0  install the Python package only, next to a _C built in place before
+                         (scripts/setup.sh: an editable install compiles from scratch in a temporary
+                         directory, the in-place build only what changed)
     TORCH_CUDA_ARCH_LIST when unset: the visible GPUs' archs if torch sees a GPU, else "8.0;9.0+PTX"
                          (sm_80 and sm_90 SASS plus compute_90 PTX, which newer GPUs compile at load time)
 """
@@ -68,6 +71,6 @@ def _extension():
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("TOME_BUILD_EXTENSION") == "0" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Installs the pinned environment, then tome_kernels itself as an editable package (pip install
-# --no-build-isolation -e .: `import tome_kernels` works from any directory, and edits to the Python
-# sources take effect without reinstalling). The build compiles tome_kernels._C: the C++ CPU kernels,
-# plus the CUDA kernels when torch has CUDA and nvcc is found (TOME_BUILD_CUDA=0 skips them; archs: setup.py).
-# Idempotent: a second run re-checks the requirements and rebuilds only what changed.
+# Installs the pinned environment, builds tome_kernels._C in place (the C++ CPU kernels, plus the CUDA
+# kernels when torch has CUDA and nvcc is found; TOME_BUILD_CUDA=0 skips them; archs: setup.py), and
+# installs this checkout as an editable package, so that `import tome_kernels` works from any directory.
+# Idempotent: a second run re-checks the requirements and recompiles only what changed (the in-place build
+# is incremental; the editable install, which would compile from scratch, runs only when this checkout is
+# not yet the one Python imports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -r requirements.txt
-python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+python setup.py -q build_ext --inplace
+package="$PWD/tome_kernels"
+if ! (cd / && python -c 'import os, sys, tome_kernels
+sys.exit(os.path.realpath(tome_kernels.__path__[0]) != os.path.realpath(sys.argv[1]))' "$package") 2>/dev/null; then
+  TOME_BUILD_EXTENSION=0 python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+fi
