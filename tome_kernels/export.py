@@ -22,21 +22,21 @@ import time
 
 import torch
 
-from . import reference
+from . import layout, reference
 
 __all__ = ["decompositions", "export_program", "export_onnx", "main"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# The ops as out-of-place ATen compositions (the token layout is reference.py's; N is static per call)
+# The ops as out-of-place ATen compositions (the token layout is layout.py's; N is static per call)
 # ----------------------------------------------------------------------------------------------------
 def _match(metric, r: int, protected: int):
     batch, num_tokens, _ = metric.shape
-    r = reference.clamp_r(r, num_tokens, protected)
-    first_a, first_b = reference.first_a(protected), reference.first_b(protected)
-    num_a = reference.num_a(num_tokens, protected)
-    if r == 0 or reference.num_b(num_tokens, protected) == 0:
-        unm_idx = reference.a_positions(num_tokens, protected, metric.device).expand(batch, num_a)
+    r = layout.clamp_r(r, num_tokens, protected)
+    first_a, first_b = layout.first_a(protected), layout.first_b(protected)
+    num_a = layout.num_a(num_tokens, protected)
+    if r == 0 or layout.num_b(num_tokens, protected) == 0:
+        unm_idx = layout.a_positions(num_tokens, protected, metric.device).expand(batch, num_a)
         empty = metric.new_zeros(batch, 0, dtype=torch.long)
         return unm_idx.clone(), empty, empty.clone()
     metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
@@ -62,12 +62,12 @@ def _match(metric, r: int, protected: int):
 
 
 def _groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx):
-    """``(rep, group)`` of reference.py, built with out-of-place scatters."""
+    """``(rep, group)`` of layout.py, built with out-of-place scatters."""
     batch, num_unmerged = unm_idx.shape
-    rep = reference.representatives(num_tokens, protected, unm_idx)
+    rep = layout.representatives(num_tokens, protected, unm_idx)
     out_index = torch.arange(rep.shape[1], device=rep.device).expand(batch, -1)
     group = torch.zeros(batch, num_tokens, dtype=torch.long, device=rep.device).scatter(1, rep, out_index)
-    group = group.scatter(1, src_idx, reference.b_output_index(dst_idx, num_unmerged, protected))
+    group = group.scatter(1, src_idx, layout.b_output_index(dst_idx, num_unmerged, protected))
     return rep, group
 
 
