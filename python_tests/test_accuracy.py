@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("sklearn")
 
 import tome_kernels.patch  # noqa: E402
-from tome_kernels import accuracy, train  # noqa: E402
-from tome_kernels.bench_model import vit_token_counts  # noqa: E402
+from tome_kernels.tools import accuracy, train  # noqa: E402
+from tome_kernels.tools.bench_model import vit_token_counts  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

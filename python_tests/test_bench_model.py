@@ -1,11 +1,11 @@
-"""tome_kernels.bench_model: FLOP counts, token schedules and the CLI on a tiny model."""
+"""tome_kernels.tools.bench_model: FLOP counts, token schedules and the CLI on a tiny model."""
 
 import pytest
 import torch
 
 timm = pytest.importorskip("timm")
 
-from tome_kernels import bench_model  # noqa: E402
+from tome_kernels.tools import bench_model  # noqa: E402
 from tome_kernels.patch import parse_r  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tome_kernels import train
+from tome_kernels.tools import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, R = 6, 32, 4

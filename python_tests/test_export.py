@@ -151,7 +151,9 @@ def test_timm_onnx_equals_eager(tmp_path, name, protected):
 
 def test_export_cli(tmp_path, capsys):
     path = str(tmp_path / "cli.onnx")
-    export.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "4", "--onnx", path,
+    from tome_kernels.tools.export import main
+
+    main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "4", "--onnx", path,
                  "--check", "1"])
     printed = capsys.readouterr().out
     assert "max abs difference" in printed and "onnxruntime" in printed

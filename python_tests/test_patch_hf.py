@@ -446,7 +446,7 @@ def test_threads_share_one_patched_model():
 # bench_model's transformers models
 # ----------------------------------------------------------------------------------------------------
 def test_bench_model_flops_match_the_timm_count():
-    from tome_kernels import bench_model
+    from tome_kernels.tools import bench_model
 
     timm = pytest.importorskip("timm")
     reference_model = timm.create_model("vit_base_patch16_224", pretrained=False, device="meta")
@@ -458,7 +458,7 @@ def test_bench_model_flops_match_the_timm_count():
 
 
 def test_bench_model_cli_runs_an_hf_model():
-    from tome_kernels import bench_model
+    from tome_kernels.tools import bench_model
 
     rows = bench_model.main(["--model", "hf:siglip-base", "--img-size", "64", "--batch", "1", "--sweep", "0,4",
                              "--rounds", "1", "--warmup", "0", "--threads", "1", "--no-progress"])

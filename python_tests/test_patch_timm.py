@@ -310,7 +310,7 @@ def test_compile_fullgraph():
 
 
 def test_make_visualization_fills_groups_with_mean_colour():
-    from tome_kernels.vis import make_visualization
+    from tome_kernels.tools.vis import make_visualization
 
     # 2 x 2 patches of 4 px, a class token; patches 0, 1, 3 merged into one token, patch 2 alone.
     img = np.zeros((8, 8, 3), dtype=np.uint8)

@@ -18,7 +18,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tome_kernels  # noqa: E402
-from tome_kernels import bench_model, reference  # noqa: E402
+from tome_kernels import reference
+from tome_kernels.tools import bench_model  # noqa: E402
 import tome_kernels.patch  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:tome_kernels. no compiled backend")

@@ -3,7 +3,7 @@
     PYTHONPATH=. python scripts/visualize_merging.py [--image chelsea] [--r 8,12,16] [--out docs/merging.png]
 """
 
-from tome_kernels.vis import main
+from tome_kernels.tools.vis import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Pictures of what ToMe merged: each group of patches filled with its mean colour, group borders outlined.
 
-    from tome_kernels.vis import make_visualization
+    from tome_kernels.tools.vis import make_visualization
     model = tome_kernels.patch.timm(model, trace_source=True); model.r = 16; model(x)
     make_visualization(img, model._tome_info["source"][0], patch_size=16, num_prefix_tokens=1)
 
