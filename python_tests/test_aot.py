@@ -30,14 +30,15 @@ log = open(sys.argv[1]).read()
 rows = aot.cuda_usage(log)
 result["cuda"] = [(r["name"], r["arch"], r["regs"], r["spill"], r["smem"]) for r in rows]
 table = {("_k", "cfg", 4): {80: dict(regs=32, spill=0, smem=1024, occupancy=1.0)}}
-for row in rows:
-    row["occupancy"] = aot.occupancy(row["arch"], row["regs"], row["smem"], 8)
-text = aot.render_table(table, rows, [80, 90])
 path = sys.argv[2]
-open(path, "w").write("intro\n" + aot.TABLE_BEGIN + "\nold\n" + aot.TABLE_END + "\noutro\n")
-aot.write_table(path, text)
+begin, end = aot.TRITON_TABLE
+cuda_begin, cuda_end = aot.CUDA_TABLE
+open(path, "w").write(f"intro\n{begin}\nold\n{end}\nmiddle\n{cuda_begin}\n{cuda_end}\noutro\n")
+aot.write_table(path, aot.TRITON_TABLE, aot.render_triton_table(table, [80, 90]))
+aot.write_cuda_table(path, sys.argv[1], [80, 90])
 first = open(path).read()
-aot.write_table(path, text)
+aot.write_table(path, aot.TRITON_TABLE, aot.render_triton_table(table, [80, 90]))
+aot.write_cuda_table(path, sys.argv[1], [80, 90])
 result["idempotent"] = first == open(path).read()
 result["table"] = first
 print(json.dumps(result))
@@ -86,5 +87,6 @@ def test_table_is_rewritten_between_markers_and_idempotent(checks):
     table = checks["table"]
     assert checks["idempotent"]
     assert table.startswith("intro\n") and table.endswith("\noutro\n") and "old" not in table
-    assert "| triton | `_k` | cfg | 4 | 32 / 0 / 1.0 / 100% | – |" in table
-    assert "| cuda | `best_partner_kernel<BFloat16>` | | 8 | – | 64 / 0 / 8.1 / " in table
+    assert "\nmiddle\n" in table
+    assert "| `_k` | cfg | 4 | 32 / 0 / 1.0 / 100% | – |" in table
+    assert "| `best_partner_kernel<BFloat16>` | 8 | – | 64 / 0 / 8.1 / " in table

@@ -263,14 +263,17 @@ class Tile:
 # archs), and no first call pays for benchmarking. Chosen from python -m tome_kernels.aot (registers / spills /
 # shared memory): the backward keeps ~3 fp32 [M, N] tiles and two [N, D] accumulators live, and fp32's 3xTF32
 # dots split every operand in two, so wide heads and fp32 get smaller tiles and 8 warps.
+# fp32 tiles are the ones that compile without spills on all six archs (mma.sync archs need ~250 registers
+# for 3xTF32 tiles of 64 x 32 at head dim 64).
 _FWD_TILES = {2: {32: Tile(64, 64, 4), 64: Tile(64, 64, 4), 128: Tile(64, 32, 4)},
-              4: {32: Tile(64, 32, 4), 64: Tile(64, 32, 8), 128: Tile(32, 32, 8)}}
+              4: {32: Tile(64, 16, 4), 64: Tile(32, 32, 8), 128: Tile(16, 32, 8)}}
 _BWD_TILES = {2: {32: Tile(64, 64, 4), 64: Tile(32, 64, 4), 128: Tile(32, 64, 8)},
-              4: {32: Tile(16, 32, 4), 64: Tile(32, 32, 8), 128: Tile(16, 32, 8)}}
+              4: {32: Tile(16, 32, 4), 64: Tile(16, 32, 8), 128: Tile(16, 16, 8)}}
 # Devices with less shared memory per block than an A100 (GA10x, Ada, consumer Blackwell: 99 KB) get these
-# instead where the table's tile does not fit there (the AOT run checks every arch against its limit).
+# instead, keyed (element size, BLOCK_D), where the table's tile does not fit there (the AOT run checks every
+# arch against its limit): fp32 head dim 65-128 needs 102,656 B with 3 stages, so it pipelines 2 deep there.
 _FULL_SHARED_MEMORY = SHARED_MEMORY_PER_BLOCK[80]
-_SMALL_SMEM_FWD_TILES = {}
+_SMALL_SMEM_FWD_TILES = {(4, 128): Tile(16, 32, 8, num_stages=2)}
 _SMALL_SMEM_BWD_TILES = {}
 _PREPROCESS_BLOCK_M = 64
 _PREPROCESS_BLOCK_D = 32

@@ -5,25 +5,28 @@ odd tokens, ``score[a, b] = <m_a, m_b> / (max(|m_a|, eps) * max(|m_b|, eps))`` (
 L2-normalised metric; a zero vector scores 0, never NaN); each A token keeps its best B partner (first on
 ties); A tokens are ranked by best score, descending, ties to the lower position; the first r merge.
 
-1. ``_match_fwd_kernel`` (grid: A blocks x batch) is a flash-style row reduction: per block of A rows it
-   walks the B tokens in tiles, computes ``A_tile @ B_tile^T`` with ``tl.dot`` (fp32 accumulate) over
+1. ``_match_fwd_kernel`` (grid: A blocks x B splits x batch, on axis 0) is a flash-style row reduction: per
+   block of A rows it walks the B tokens of its split in tiles, computes ``A_tile @ B_tile^T`` with ``tl.dot`` (fp32 accumulate) over
    channel chunks, scales by the two inverse norms afterwards, and keeps a running (max, argmax) per A row.
    The norms are accumulated from the tiles already loaded for the dot (no separate normalisation pass
    over the metric). fp16/bf16 products are exact in fp32, so the fp32 accumulation is as accurate as the
    reference's fp32 normalise-then-matmul; fp32 metrics use ``input_precision="ieee"`` (not TF32) so the
-   chosen indices equal the reference's. Only ``best_score/best_b [B, nA]`` reach memory.
-2. ``_match_rank_kernel`` (grid: batch) ranks the nA best scores by counting, for each A token, the tokens
-   that sort before it: ``rank[i] = #{j : s_j > s_i or (s_j == s_i and j < i)}`` — exactly the stable
+   chosen indices equal the reference's. Only ``best_score/best_b [B, splits, nA]`` reach memory. The B
+   split keeps small batches of long rows (DETR: batch 2, nA = nB = 550) from running on a handful of SMs.
+2. ``_match_rank_kernel`` (grid: 16-token A blocks x batch, on axis 0) combines the splits (a later split
+   wins only if strictly better: ties to the lower B index) and ranks its A tokens by counting the tokens
+   that sort before each: ``rank[i] = #{j : s_j > s_i or (s_j == s_i and j < i)}`` — exactly the stable
    descending order. It then scatters ``src/dst`` to ``rank < r`` and the unmerged tokens either to
-   ``rank - r`` (protected == 0, rank order) or, with a running count, in ascending position
-   (protected >= 1, or r = 0 after the clamp: every op then returns its input unchanged).
+   ``rank - r`` (protected == 0, rank order) or in ascending position (protected >= 1, or r = 0 after the
+   clamp: every op then returns its input unchanged); the ascending slots need every rank of the row, so
+   the last program of the row to finish writes them all (an arrival counter, zeroed by the fwd kernel).
 
 Why count instead of ``tl.sort`` or a torch sort: the ranking has to see the whole row, and a torch sort
 is several launches (sort, gathers, the second sort of the unmerged tokens) where the launch budget of a
 ToMe layer is 3 (this file 2 + merge 1). ``tl.sort`` needs the row in one power-of-two tile (a compile
-per size bucket and a size limit), the count is O(nA^2) compares in fixed 64 x 64 tiles with runtime loops:
+per size bucket and a size limit), the count is O(nA^2) compares in fixed 16 x 128 tiles with runtime loops:
 any N, one compile, no ties to break by hand. At ViT sizes (nA ~ 100-300) that is 10^4-10^5 compares per
-row; at DETR's nA ~ 550, 3 x 10^5 (~ 75 tile steps on one CTA): microseconds, next to the fwd kernel.
+row; at DETR's nA ~ 550, 3 x 10^5, spread over 35 programs per row of 5 tile steps each.
 """
 
 from __future__ import annotations
