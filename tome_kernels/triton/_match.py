@@ -36,16 +36,19 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import AotSpec, AOT_DTYPES, acc_dtype, autotune_configs, device_guard, dot_in_fp32, next_pow2
+from ._common import (AotSpec, AOT_DTYPES, acc_dtype, autotune_configs, checked_grid, device_guard, dot_in_fp32,
+                      next_pow2)
 
 NORM_EPS = tl.constexpr(reference.NORM_EPS)
 
 # Two configs (GPU autotune; the interpreter takes the first). The channel chunk follows the element size:
 # fp32 metrics go through exact fp32 (FMA) dots whose operands live in registers, and 32-channel chunks of
 # them spill on every arch (python -m tome_kernels.aot); 16-channel chunks do not.
+# BLOCK_A is the same in every config: the grid is computed before autotuning picks one.
+_BLOCK_A = 64
 _FWD_CONFIGS = [
-    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_A": 64, "BLOCK_B": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_A": _BLOCK_A, "BLOCK_B": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_A": _BLOCK_A, "BLOCK_B": 128}, num_warps=8, num_stages=2),
 ]
 
 
@@ -206,14 +209,14 @@ def _precision(dtype: torch.dtype) -> str:
 
 def launch_shape(batch: int, n_a: int, n_b: int) -> dict:
     """Grids of both kernels and the B split, computed without launching (the grid test calls this)."""
-    a_blocks = triton.cdiv(n_a, _FWD_CONFIGS[0].kwargs["BLOCK_A"])
+    a_blocks = triton.cdiv(n_a, _BLOCK_A)
     b_granules = max(1, triton.cdiv(n_b, _SPLIT_GRANULE))
     wanted = min(b_granules, triton.cdiv(_TARGET_PROGRAMS, max(1, a_blocks * batch)))
     b_per_split = triton.cdiv(b_granules, wanted) * _SPLIT_GRANULE
     splits = max(1, triton.cdiv(n_b, b_per_split))
     i_blocks = triton.cdiv(n_a, _RANK_BLOCK_I)
     return dict(a_blocks=a_blocks, splits=splits, b_per_split=b_per_split, i_blocks=i_blocks,
-                fwd_grid=(a_blocks * splits * batch,), rank_grid=(i_blocks * batch,))
+                fwd_grid=checked_grid(a_blocks * splits * batch), rank_grid=checked_grid(i_blocks * batch))
 
 
 def match(metric: torch.Tensor, r: int, protected: int):
