@@ -57,6 +57,10 @@ SPILLS_ACCEPTED: dict[tuple[str, str, int], str] = {
     ("_attn_bwd_kernel", "fp32 D=128", 100):
         "fp32 with head dim 65-128, backward, sm_100: 12 B at 255 registers with the smallest tiles tl.dot "
         "takes (16 x 16; 3xTF32 splits every operand in two); the next candidates spilled 24-120 B",
+    **{("_attn_fwd_kernel", f"{dtype} D=64", 120):
+       "sm_120, 16-bit head dim 33-64 forward: 52 B at 255 registers since the key loop carries 64-bit pointer "
+       "tiles (int64-safe offsets; 179 registers with 32-bit offsets); no other arch spills it"
+       for dtype in ("fp16", "bf16")},
 }
 
 
