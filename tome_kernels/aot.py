@@ -150,7 +150,13 @@ def problems(kernel: str, label: str, arch: int, result: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # The CUDA backend's kernels: parsed from nvcc -Xptxas -v output
 # ----------------------------------------------------------------------------------------------------------
-CUDA_BLOCK_THREADS = 256  # every csrc/cuda kernel launches 256 threads (kThreads, kMatchThreads, kAttnThreads...)
+# Threads per block of the csrc/cuda kernels: 256 (kThreads, kMatchThreads, kRankThreads...), except the
+# attention kernels' kAttnThreads.
+CUDA_BLOCK_THREADS = {"attention": 128}
+
+
+def cuda_block_threads(kernel: str) -> int:
+    return next((threads for prefix, threads in CUDA_BLOCK_THREADS.items() if kernel.startswith(prefix)), 256)
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)a?'")
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
@@ -185,9 +191,8 @@ def _short_cuda_name(demangled: str) -> str:
         depth += (char == "<") - (char == ">")
         if char == "(" and depth == 0 and end > 0 and demangled[end - 1] != ":":
             break
-    name = demangled[:end].removeprefix("void ")
-    name = re.sub(r"\([\w:]+\)(?=-?\d)", "", name)  # enum casts: (tome::cuda::Gather)0 -> 0
-    return re.sub(r"(\(anonymous namespace\)|\w+)::", "", name)
+    name = re.sub(r"(\(anonymous namespace\)|\w+)::", "", demangled[:end].removeprefix("void "))
+    return re.sub(r"\(\w+\)(?=-?\d)", "", name)  # enum casts: (Gather)0 -> 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,7 +234,7 @@ def render_cuda_table(rows: list[dict], archs) -> str:
         grouped.setdefault(row["name"], {})[row["arch"]] = row
     lines = _header("kernel | warps", archs)
     for name, per_arch in sorted(grouped.items()):
-        lines.append(f"| `{name}` | {CUDA_BLOCK_THREADS // 32} | {_arch_cells(per_arch, archs)} |")
+        lines.append(f"| `{name}` | {cuda_block_threads(name) // 32} | {_arch_cells(per_arch, archs)} |")
     return "\n".join(lines)
 
 
@@ -251,7 +256,7 @@ def write_cuda_table(path: str, log_path: str, archs) -> None:
     with open(log_path) as f:
         rows = [row for row in cuda_usage(f.read()) if row["arch"] in archs]
     for row in rows:
-        row["occupancy"] = occupancy(row["arch"], row["regs"], row["smem"], CUDA_BLOCK_THREADS // 32)
+        row["occupancy"] = occupancy(row["arch"], row["regs"], row["smem"], cuda_block_threads(row["name"]) // 32)
     write_table(path, CUDA_TABLE, render_cuda_table(rows, archs))
 
 
