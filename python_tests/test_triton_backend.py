@@ -117,6 +117,36 @@ def test_match_zero_vectors_and_ties(device):
         _exact(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("protected", [0, 1])
+def test_match_detr_rows_equal_reference(device, protected):
+    """DETR's encoder (N = 1100): B tokens split across programs, 35 rank programs per row; with protected >= 1
+    the last rank program of each row writes the ascending unmerged slots. Tie-free: at 550 x 550 random
+    scores, fp32 rounding (normalise-then-dot vs. dot-then-scale) can flip a near tie."""
+    metric = tie_free_metric(2, 1100, 32, torch.float32, device)
+    assert _match_launch_splits(1100) > 1
+    for a, b in zip(_backend().match(metric, 275, protected), reference.match(metric, 275, protected)):
+        _exact(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_match_ties_across_b_splits(device):
+    """Equal best scores found by different B splits go to the lower B index, as within one tile."""
+    metric = _randn(1, 700, 8, device=device, seed=9)
+    for b_slot in (200, 330):  # B tokens in other splits (launch_shape: 128-token granules) equal to B token 10
+        metric[0, 1 + 2 * b_slot] = metric[0, 1 + 2 * 10]
+    metric[0, 0:40:2] = metric[0, 1 + 2 * 10]  # A tokens whose best score (1) ties three ways
+    assert _match_launch_splits(700) > 1
+    for a, b in zip(_backend().match(metric, 100, 0), reference.match(metric, 100, 0)):
+        _exact(a, b)
+
+
+def _match_launch_splits(num_tokens):
+    from tome_kernels.triton import _match
+
+    return _match.launch_shape(1, reference.num_a(num_tokens, 0), reference.num_b(num_tokens, 0))["splits"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # merge / merge_backward / unmerge / unmerge_backward
 # ----------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 //
 // 1. norm_kernel: max(||x||, 1e-12) of every token (one warp per token).
 // 2. best_partner_kernel: tiled dot products of normalised A rows against normalised B rows with a running
-//    row max / argmax in registers; the [nA, nB] score matrix is never stored.
+//    row max / argmax in registers; the [nA, nB] score matrix is never stored. Where batch x A tiles is small
+//    (DETR: 2 x 9 blocks), the B tokens are split across blocks too (up to ~kTargetBlocks blocks), and
+//    combine_kernel keeps each A token's best over the splits (ties: the lower split, i.e. the lower B index).
 // 3. rank_kernel: the stable descending rank of each A token's best score, rank_i = #{j : s_j > s_i or
 //    (s_j == s_i and j < i)}: O(nA) per thread, O(nA^2) per row. That is deterministic, has no size limit
 //    and costs less than step 2 (O(nA * nB * C)), so a sort would not pay for itself at ToMe's token
@@ -11,6 +13,8 @@
 // 4. unmerged_order_kernel (protected >= 1): unmerged A tokens in ascending position, slot = number of
 //    unmerged A tokens before it.
 // With r == 0 nothing is ranked: unm_idx is every A token in ascending position (reference.py).
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace tome::cuda {
@@ -21,6 +25,7 @@ constexpr int kMatchTile = 64;      // A rows and B rows per block
 constexpr int kMatchDepth = 16;     // channels per shared-memory stage
 constexpr int kMatchThreads = 256;  // 16 x 16 threads, each owning 4 x 4 scores
 constexpr int kRankThreads = 256;
+constexpr int64_t kTargetBlocks = 264;  // B splits stop at two waves of a 132-SM GPU
 
 // Descending best-score order with NaN above every number (as torch.max and torch.sort): a total order,
 // so the ranks are a permutation and the indices stay in range even for a NaN metric.
@@ -64,7 +69,8 @@ __device__ __forceinline__ acc_t<scalar_t> normalised(const scalar_t* rows, cons
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMatchThreads)
     best_partner_kernel(const scalar_t* metric, const acc_t<scalar_t>* norm, Layout layout, int64_t channels,
-                        int64_t a_tiles, acc_t<scalar_t>* best_score, int32_t* best_b) {
+                        int64_t a_tiles, int64_t splits, int64_t b_per_split, acc_t<scalar_t>* best_score,
+                        int32_t* best_b) {
   using acc = acc_t<scalar_t>;
   constexpr int kSide = 16;                 // threads along each tile side
   constexpr int kPer = kMatchTile / kSide;  // 4 rows x 4 columns per thread
@@ -73,9 +79,11 @@ __global__ void __launch_bounds__(kMatchThreads)
   __shared__ acc a_tile[kMatchDepth][kMatchTile + 1];
   __shared__ acc b_tile[kMatchDepth][kMatchTile + 1];
 
-  const int64_t batch = blockIdx.x / a_tiles;
+  const int64_t batch = blockIdx.x / (a_tiles * splits);
+  const int64_t split = blockIdx.x / a_tiles % splits;
   const int64_t a0 = (blockIdx.x % a_tiles) * kMatchTile;
-  const int64_t num_a = layout.num_a(), num_b = layout.num_b();
+  const int64_t num_a = layout.num_a();
+  const int64_t b_begin = split * b_per_split, num_b = std::min(layout.num_b(), b_begin + b_per_split);
   const scalar_t* rows = metric + batch * layout.num_tokens * channels;
   const acc* row_norm = norm + batch * layout.num_tokens;
   const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
@@ -88,7 +96,7 @@ __global__ void __launch_bounds__(kMatchThreads)
     best_j[i] = 0;
   }
 
-  for (int64_t b0 = 0; b0 < num_b; b0 += kMatchTile) {
+  for (int64_t b0 = b_begin; b0 < num_b; b0 += kMatchTile) {
     acc dot[kPer][kPer] = {};
     for (int64_t c0 = 0; c0 < channels; c0 += kMatchDepth) {
       for (int e = threadIdx.x; e < kMatchTile * kMatchDepth; e += kMatchThreads) {
@@ -142,10 +150,31 @@ __global__ void __launch_bounds__(kMatchThreads)
     }
     const int64_t a = a0 + ty + kSide * i;
     if (tx == 0 && a < num_a) {
-      best_score[batch * num_a + a] = best[i];
-      best_b[batch * num_a + a] = best_j[i];
+      best_score[(batch * splits + split) * num_a + a] = best[i];
+      best_b[(batch * splits + split) * num_a + a] = best_j[i];
     }
   }
+}
+
+// best over the B splits of [batch, splits, num_a] partial results; a later split wins only when strictly above.
+template <typename acc>
+__global__ void combine_kernel(const acc* split_score, const int32_t* split_b, int64_t num_a, int64_t splits,
+                               int64_t items, acc* best_score, int32_t* best_b) {
+  const int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (item >= items) return;
+  const int64_t batch = item / num_a, a = item % num_a;
+  const int64_t first = batch * splits * num_a + a;
+  acc best = split_score[first];
+  int32_t partner = split_b[first];
+  for (int64_t split = 1; split < splits; ++split) {
+    const acc score = split_score[first + split * num_a];
+    if (score_above(score, best)) {
+      best = score;
+      partner = split_b[first + split * num_a];
+    }
+  }
+  best_score[item] = best;
+  best_b[item] = partner;
 }
 
 template <typename acc>
@@ -213,9 +242,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
     launch(norm_kernel<scalar_t>, ceil_div(batch * num_tokens, kNormThreads / kWarpSize), kNormThreads, 0,
            metric.const_data_ptr<scalar_t>(), batch * num_tokens, channels, norm.data_ptr<acc>());
     const int64_t a_tiles = ceil_div(num_a, kMatchTile);
-    launch(best_partner_kernel<scalar_t>, batch * a_tiles, kMatchThreads, 0, metric.const_data_ptr<scalar_t>(),
-           norm.const_data_ptr<acc>(), layout, channels, a_tiles, best_score.data_ptr<acc>(),
-           best_b.data_ptr<int32_t>());
+    const int64_t b_tiles = std::max(ceil_div(layout.num_b(), kMatchTile), int64_t{1});
+    const int64_t wanted = std::min(ceil_div(kTargetBlocks, batch * a_tiles), b_tiles);
+    const int64_t b_per_split = ceil_div(b_tiles, wanted) * kMatchTile;
+    const int64_t splits = std::max(ceil_div(layout.num_b(), b_per_split), int64_t{1});
+    const at::Tensor split_score = splits > 1 ? at::empty({batch, splits, num_a}, acc_options) : best_score;
+    const at::Tensor split_b = splits > 1 ? at::empty({batch, splits, num_a}, int_options) : best_b;
+    launch(best_partner_kernel<scalar_t>, batch * a_tiles * splits, kMatchThreads, 0,
+           metric.const_data_ptr<scalar_t>(), norm.const_data_ptr<acc>(), layout, channels, a_tiles, splits,
+           b_per_split, split_score.data_ptr<acc>(), split_b.data_ptr<int32_t>());
+    if (splits > 1) {
+      launch(combine_kernel<acc>, ceil_div(batch * num_a, kRankThreads), kRankThreads, 0,
+             split_score.const_data_ptr<acc>(), split_b.const_data_ptr<int32_t>(), num_a, splits, batch * num_a,
+             best_score.data_ptr<acc>(), best_b.data_ptr<int32_t>());
+    }
     const int64_t rank_tiles = ceil_div(num_a, kRankThreads);
     launch(rank_kernel<acc>, batch * rank_tiles, kRankThreads, 0, best_score.const_data_ptr<acc>(),
            best_b.const_data_ptr<int32_t>(), layout, rank_tiles, rank.data_ptr<int32_t>(),

@@ -16,17 +16,15 @@ attention_backward     2         ``_attn_bwd_preprocess_kernel``, ``_attn_bwd_ke
 
 A ToMe layer (match + merge of x, pos, size) is 3 launches. On CPU tensors this runs only under the Triton
 interpreter (``TRITON_INTERPRET=1`` before import). float64 CUDA tensors and the attention shapes listed in
-:mod:`.attention` run the reference instead (the AOT-checked kernels cover fp16/bf16/fp32).
+:mod:`._attention` run the reference instead (the AOT-checked kernels cover fp16/bf16/fp32).
 """
 
 from __future__ import annotations
 
 from .. import reference
 from ._common import runs_kernels
-from .attention import attention, attention_backward
-from .match import match as _match
-from .merge import merge as _merge, merge_backward as _merge_backward, unmerge as _unmerge
-from .merge import unmerge_backward as _unmerge_backward
+from . import _match, _merge
+from ._attention import attention, attention_backward
 
 __all__ = ["match", "merge", "merge_backward", "unmerge", "unmerge_backward", "attention", "attention_backward"]
 
@@ -34,29 +32,29 @@ __all__ = ["match", "merge", "merge_backward", "unmerge", "unmerge_backward", "a
 def match(metric, r: int, protected: int):
     if not runs_kernels(metric):
         return reference.match(metric, r, protected)
-    return _match(metric, r, protected)
+    return _match.match(metric, r, protected)
 
 
 def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):
     if not runs_kernels(x, pos, size):
         return reference.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean)
-    return _merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean)
+    return _merge.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean)
 
 
 def merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):
     if not runs_kernels(grad_x, grad_pos, size, size_out):
         return reference.merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected,
                                         pos_mean)
-    return _merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, pos_mean)
+    return _merge.merge_backward(grad_x, grad_pos, size, size_out, unm_idx, src_idx, dst_idx, protected, pos_mean)
 
 
 def unmerge(y, unm_idx, src_idx, dst_idx, protected: int):
     if not runs_kernels(y):
         return reference.unmerge(y, unm_idx, src_idx, dst_idx, protected)
-    return _unmerge(y, unm_idx, src_idx, dst_idx, protected)
+    return _merge.unmerge(y, unm_idx, src_idx, dst_idx, protected)
 
 
 def unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected: int):
     if not runs_kernels(grad):
         return reference.unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected)
-    return _unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected)
+    return _merge.unmerge_backward(grad, unm_idx, src_idx, dst_idx, protected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 
 import torch
@@ -41,6 +42,36 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+# CUDA's grid limits per axis (x, y, z). The launchers fold batch (and heads) into axis 0, whose limit no
+# tensor that fits in memory reaches; the check turns the impossible case into a clear error.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def checked_grid(*axes: int) -> tuple:
+    for axis, (size, limit) in enumerate(zip(axes, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"tome: a launch grid of {axes} exceeds CUDA's limit of {limit} on axis {axis}")
+    return axes
+
+
+# Shared memory one block may use (opt-in maximum, bytes) on the architectures python -m tome_kernels.aot
+# compiles for (CUDA tuning guides: A100 163 KB; GA10x, Ada, consumer Blackwell 99 KB; H100, B200 227 KB).
+# On a GPU the launchers read the device's own value; this table serves the compile-time check.
+SHARED_MEMORY_PER_BLOCK = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
+
+
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """The opt-in shared memory limit per block of a CUDA device; None off CUDA (the interpreter has none)."""
+    if device.type != "cuda":
+        return None
+    return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_shared_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 def device_guard(t: torch.Tensor):

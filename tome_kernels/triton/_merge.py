@@ -4,7 +4,7 @@ Spec: :func:`tome_kernels.reference.merge` and friends. Output token ``o`` of a 
 input position ``rep[o]`` (``o`` for protected tokens, ``unm_idx[o - P]`` for unmerged A tokens, the B token
 itself otherwise); a B output also holds the sources ``src_idx[k]`` with ``dst_idx[k]`` == its position.
 
-``_merge_fwd_kernel`` — a gather-reduce over output tokens (grid: token tiles x channel blocks x batch):
+``_merge_fwd_kernel`` — a gather-reduce over output tokens (grid: token tiles x batch, channel blocks):
     ``x_out[o] = sum_{i in group o} size_i x_i / sum size_i`` (``MEAN``) or ``sum_i g_i`` (unmerge's
     backward). The members of a B output are found through an inverted index built inside the kernel,
     per chunk of ``BLOCK_R`` sources: a ``[BLOCK_T, BLOCK_R]`` membership mask ``slot(dst_k) == slot(row)``,
@@ -16,7 +16,7 @@ itself otherwise); a B output also holds the sources ``src_idx[k]`` with ``dst_i
     version: same result, but the sort costs 0.7 s per chunk in the interpreter and more registers.)
     A token merged with nothing is stored as loaded (bit-exact). One launch also covers ``pos`` (channel
     blocks after those of x: keep = the representative's row, mean = like x) and ``size_out``.
-``_merge_bwd_kernel`` — a spread over input tokens (grid: item tiles x channel blocks x batch):
+``_merge_bwd_kernel`` — a spread over input tokens (grid: item tiles x batch, channel blocks):
     item ``t < N - r`` is output token ``t`` and writes its representative's row; item ``N - r + k`` is
     source ``k`` and writes row ``src_idx[k]`` from output ``b_out(dst_idx[k])``. The writes are disjoint and
     cover all N rows, so no index needs inverting. With ``SCALE`` (merge's backward) a member gets
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import AotSpec, AOT_DTYPES, acc_dtype, device_guard, next_pow2
+from ._common import AotSpec, AOT_DTYPES, acc_dtype, checked_grid, device_guard, next_pow2
 
 
 @triton.jit
@@ -104,21 +104,21 @@ def _gather_reduce(out_ptr, out_row, x_ptr, stride_xn, stride_xc, size_ptr, has_
     return w_sum
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_out", "protected", "num_unm", "r", "first_b"])
+@triton.jit(do_not_specialize=["num_tokens", "num_out", "protected", "num_unm", "r", "first_b", "t_blocks"])
 def _merge_fwd_kernel(
     out_ptr, pos_out_ptr, size_out_ptr,  # [B, N - r, C], [B, N - r, Cp], [B, N - r] (contiguous)
     x_ptr, stride_xb, stride_xn, stride_xc,  # [B, N, C]
     pos_ptr, stride_pb, stride_pn, stride_pc,  # [B, N, Cp]
     size_ptr,  # [B, N] (contiguous)
     unm_ptr, src_ptr, dst_ptr,  # [B, nA - r], [B, r], [B, r] int64 (contiguous)
-    num_tokens, num_out, channels, pos_channels, protected, num_unm, r, first_b, x_blocks,
+    num_tokens, num_out, channels, pos_channels, protected, num_unm, r, first_b, x_blocks, t_blocks,
     has_size, pos_mean,  # 0 / 1
     MEAN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    pid_t = tl.program_id(0) % t_blocks
     pid_c = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = (tl.program_id(0) // t_blocks).to(tl.int64)
     o = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_o = o < num_out
     unm_ptr += batch * num_unm
@@ -157,21 +157,21 @@ def _spread(out_ptr, out_row, g_ptr, stride_gn, stride_gc, size_ptr, has_size, s
     tl.store(out_ptr + out_row[:, None] + cols[None, :], g, mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_out", "protected", "num_unm", "r", "first_b"])
+@triton.jit(do_not_specialize=["num_tokens", "num_out", "protected", "num_unm", "r", "first_b", "t_blocks"])
 def _merge_bwd_kernel(
     out_ptr, pos_out_ptr,  # [B, N, C], [B, N, Cp] (contiguous)
     g_ptr, stride_gb, stride_gn, stride_gc,  # [B, N - r, C]
     gpos_ptr, stride_qb, stride_qn, stride_qc,  # [B, N - r, Cp]
     size_ptr, size_out_ptr,  # [B, N], [B, N - r] (contiguous)
     unm_ptr, src_ptr, dst_ptr,  # [B, nA - r], [B, r], [B, r] int64 (contiguous)
-    num_tokens, num_out, channels, pos_channels, protected, num_unm, r, first_b, x_blocks,
+    num_tokens, num_out, channels, pos_channels, protected, num_unm, r, first_b, x_blocks, t_blocks,
     has_size, pos_mean,  # 0 / 1
     SCALE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
+    pid_t = tl.program_id(0) % t_blocks
     pid_c = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    batch = (tl.program_id(0) // t_blocks).to(tl.int64)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = t < num_tokens
     is_rep = t < num_out
@@ -205,8 +205,10 @@ def _merge_bwd_kernel(
 
 
 # Launch shapes: memory-bound gathers of 32 tokens x up to 128 channels per program (16-byte vector loads
-# with 8 warps), 64 sources per membership chunk. python -m tome_kernels.aot, sm_90 fp16: merge 107
-# registers, merge_backward 48, unmerge 30 (4 warps or 128-source chunks: 160-255).
+# with 8 warps), 64 sources per membership chunk (128-source chunks: 160-255 registers). 4 warps x 64-channel
+# blocks compile to the same 25% occupancy (128 registers: 4 CTAs of 4 warps instead of 2 of 8), so the same
+# bytes in flight per SM (4 x 4 KB = 2 x 8 KB per 32-token load), while every extra channel block redoes the
+# membership compares: no gain, kept at 8 warps x 128 (python -m tome_kernels.aot, docs/KERNELS.md).
 BLOCK_T = 32
 BLOCK_R = 64
 _MAX_BLOCK_C = 128
@@ -215,6 +217,24 @@ _NUM_WARPS = 8
 
 def _block_c(*channel_counts: int) -> int:
     return min(_MAX_BLOCK_C, max(16, *(next_pow2(c) for c in channel_counts)))
+
+
+def _launch_shape(batch: int, items: int, channels: int, pos_channels: int, min_x_blocks: int) -> dict:
+    """Grid (item tiles x batch, channel blocks of x then of pos) and block sizes, computed without launching."""
+    block_c = _block_c(channels, pos_channels)
+    x_blocks = max(min_x_blocks, triton.cdiv(channels, block_c))
+    t_blocks = triton.cdiv(items, BLOCK_T)
+    grid = checked_grid(t_blocks * batch, x_blocks + triton.cdiv(pos_channels, block_c))
+    return dict(grid=grid, block_c=block_c, x_blocks=x_blocks, t_blocks=t_blocks)
+
+
+def gather_shape(batch: int, num_out: int, channels: int, pos_channels: int) -> dict:
+    """``_merge_fwd_kernel``: channel block 0 also writes size_out, so there is one even for C = 0."""
+    return _launch_shape(batch, num_out, channels, pos_channels, 1)
+
+
+def spread_shape(batch: int, num_tokens: int, channels: int, pos_channels: int) -> dict:
+    return _launch_shape(batch, num_tokens, channels, pos_channels, 0)
 
 
 def _contiguous_indices(unm_idx, src_idx, dst_idx, size):
@@ -233,19 +253,18 @@ def _gather_launch(out, pos_out, size_out, x, pos, size, unm_idx, src_idx, dst_i
     pos_channels = 0 if pos is None else pos.shape[-1]
     unm_idx, src_idx, dst_idx, size = _contiguous_indices(unm_idx, src_idx, dst_idx, size)
     layout = _layout_args(num_tokens, protected, unm_idx, src_idx)
-    block_c = _block_c(channels, pos_channels)
-    x_blocks = max(1, triton.cdiv(channels, block_c))  # channel block 0 also writes size_out (C = 0 too)
-    grid = (triton.cdiv(layout["num_out"], BLOCK_T), x_blocks + triton.cdiv(pos_channels, block_c), batch)
-    if batch == 0 or grid[0] == 0:
+    shape = gather_shape(batch, layout["num_out"], channels, pos_channels)
+    if batch == 0 or shape["grid"][0] == 0:
         return
     pos_t = x if pos is None else pos
     with device_guard(x):
-        _merge_fwd_kernel[grid](
+        _merge_fwd_kernel[shape["grid"]](
             out, pos_out if pos is not None else out, size_out if size_out is not None else out,
             x, *x.stride(), pos_t, *pos_t.stride(), x if size is None else size,
-            unm_idx, src_idx, dst_idx, channels=channels, pos_channels=pos_channels, x_blocks=x_blocks, **layout,
+            unm_idx, src_idx, dst_idx, channels=channels, pos_channels=pos_channels, x_blocks=shape["x_blocks"],
+            t_blocks=shape["t_blocks"], **layout,
             has_size=int(size is not None), pos_mean=int(pos_mean), MEAN=mean, ACC_DTYPE=acc_dtype(x.dtype),
-            BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
+            BLOCK_T=BLOCK_T, BLOCK_C=shape["block_c"], BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
 
 
 def _spread_launch(out, pos_out, g, gpos, size, size_out, unm_idx, src_idx, dst_idx, protected, scale, pos_mean):
@@ -254,19 +273,18 @@ def _spread_launch(out, pos_out, g, gpos, size, size_out, unm_idx, src_idx, dst_
     pos_channels = 0 if gpos is None else gpos.shape[-1]
     unm_idx, src_idx, dst_idx, size = _contiguous_indices(unm_idx, src_idx, dst_idx, size)
     layout = _layout_args(num_tokens, protected, unm_idx, src_idx)
-    block_c = _block_c(channels, pos_channels)
-    x_blocks = triton.cdiv(channels, block_c)
-    grid = (triton.cdiv(num_tokens, BLOCK_T), x_blocks + triton.cdiv(pos_channels, block_c), batch)
-    if batch == 0 or grid[0] == 0 or grid[1] == 0:
+    shape = spread_shape(batch, num_tokens, channels, pos_channels)
+    if batch == 0 or shape["grid"][0] == 0 or shape["grid"][1] == 0:
         return
     gpos_t = g if gpos is None else gpos
     with device_guard(g):
-        _merge_bwd_kernel[grid](
+        _merge_bwd_kernel[shape["grid"]](
             out, out if pos_out is None else pos_out, g, *g.stride(), gpos_t, *gpos_t.stride(),
             g if size is None else size, g if size_out is None else size_out.contiguous(),
-            unm_idx, src_idx, dst_idx, channels=channels, pos_channels=pos_channels, x_blocks=x_blocks, **layout,
+            unm_idx, src_idx, dst_idx, channels=channels, pos_channels=pos_channels, x_blocks=shape["x_blocks"],
+            t_blocks=shape["t_blocks"], **layout,
             has_size=int(size is not None), pos_mean=int(pos_mean), SCALE=scale, ACC_DTYPE=acc_dtype(g.dtype),
-            BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
+            BLOCK_T=BLOCK_T, BLOCK_C=shape["block_c"], BLOCK_R=BLOCK_R, num_warps=_NUM_WARPS)
 
 
 def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean):

@@ -4,13 +4,17 @@ Spec: :func:`tome_kernels.reference.attention` / ``attention_backward``. ``size 
 ``log size`` added to the logits (ToMe's proportional attention: a token standing for s merged tokens counts
 s times in the softmax). Never materialises the Nq x Nk matrix.
 
-``_attn_fwd_kernel`` (grid: q blocks x batch*heads): q tile in registers, walk k/v tiles with the online
+``_attn_fwd_kernel`` (grid: q blocks x batch*heads, one axis): q tile in registers, walk k/v tiles with the online
     softmax (running max m, running sum l, rescaled accumulator), bias loaded once per key tile.
     Writes ``out`` (input dtype) and the natural-log ``lse = m + log l`` (fp32; fp64 for fp64 inputs).
 ``_attn_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` (fp32), one pass over O and dO.
-``_attn_bwd_kernel`` (grid: (k blocks + q blocks) x batch*heads): the first programs own a key tile and
+``_attn_bwd_kernel`` (grid: (k blocks + q blocks) x batch*heads, one axis): the first programs own a key tile and
     walk the queries (``dv += p^T dO``, ``dk += ds^T q``), the others own a query tile and walk the keys
     (``dq += ds k``); ``p`` is recomputed from ``lse``. No atomics: each gradient row has one owner.
+
+Token offsets: the tile a program owns is indexed in int64, the tiles it walks by advancing 64-bit pointers,
+so no token x stride product is formed in 32 bits (a packed qkv row stride 3 * H * D passes 2^31 past ~930k
+tokens).
 
 Supported (kernel path): head dim <= 128 (tiles pad to 32/64/128 with masks), any Nq and Nk >= 1,
 fp16/bf16/fp32 (fp64 under the interpreter). ``_supported`` below is the line: anything else (head dim >
@@ -20,12 +24,15 @@ cores, ~fp32 accuracy). Sizes are a runtime flag (a masked load of 1 gives a zer
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import AotSpec, AOT_DTYPES, acc_dtype, device_guard, dot_in_fp32, next_pow2, runs_kernels
+from ._common import (AotSpec, AOT_DTYPES, SHARED_MEMORY_PER_BLOCK, acc_dtype, checked_grid, device_guard,
+                      dot_in_fp32, next_pow2, runs_kernels, shared_memory_per_block)
 
 MAX_HEAD_DIM = 128
 
@@ -38,40 +45,43 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "q_blocks"])
 def _attn_fwd_kernel(
     out_ptr, lse_ptr,  # [B, H, Nq, D] (contiguous), [B, H, Nq] (contiguous)
     q_ptr, stride_qb, stride_qh, stride_qm, stride_qd,  # [B, H, Nq, D]
     k_ptr, stride_kb, stride_kh, stride_kn, stride_kd,  # [B, H, Nk, D]
     v_ptr, stride_vb, stride_vh, stride_vn, stride_vd,  # [B, H, Nk, D]
     size_ptr, stride_sb, stride_sn,  # [B, Nk]
-    heads, seq_q, seq_k, head_dim, scale, has_size,
+    heads, seq_q, seq_k, head_dim, q_blocks, scale, has_size,
     ACC_DTYPE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // q_blocks
     b = bh // heads
     h = bh % heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid % q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     mask_m = rows < seq_q
     mask_d = dims < head_dim
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
+    tile_n = tl.arange(0, BLOCK_N)
+    k_tile = k_ptr + b * stride_kb + h * stride_kh + tile_n[:, None] * stride_kn + dims[None, :] * stride_kd
+    v_tile = v_ptr + b * stride_vb + h * stride_vh + tile_n[:, None] * stride_vn + dims[None, :] * stride_vd
     size_ptr += b * stride_sb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for n0 in range(0, seq_k, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + tile_n
         mask_n = cols < seq_k
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_tile, mask=kv_mask, other=0.0)
+        k_tile += BLOCK_N * stride_kn  # 64-bit pointers advance: no token x stride product can overflow
+        v_tile += BLOCK_N * stride_vn
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_F32, PRECISION) * scale
         s += _load_bias(size_ptr, stride_sn, cols, mask_n, has_size, ACC_DTYPE)[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -136,7 +146,7 @@ def _attn_bwd_dkdv(dk_ptr, dv_ptr, q_ptr, stride_qm, stride_qd, k_ptr, stride_kn
     """dk, dv of one key tile: walk every query tile."""
     dims = tl.arange(0, BLOCK_D)
     mask_d = dims < head_dim
-    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < seq_k
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(k_ptr + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -144,12 +154,17 @@ def _attn_bwd_dkdv(dk_ptr, dv_ptr, q_ptr, stride_qm, stride_qd, k_ptr, stride_kn
     bias = _load_bias(size_ptr, stride_sn, cols, mask_n, has_size, ACC_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    tile_m = tl.arange(0, BLOCK_M)
+    q_tile = q_ptr + tile_m[:, None] * stride_qm + dims[None, :] * stride_qd
+    do_tile = do_ptr + tile_m[:, None] * head_dim + dims[None, :]
     for m0 in range(0, seq_q, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = m0 + tile_m
         mask_m = rows < seq_q
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_ptr + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=q_mask, other=0.0)
-        do = tl.load(do_ptr + rows[:, None] * head_dim + dims[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_tile, mask=q_mask, other=0.0)
+        do = tl.load(do_tile, mask=q_mask, other=0.0)
+        q_tile += BLOCK_M * stride_qm
+        do_tile += BLOCK_M * head_dim
         lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
         delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
         p = _recompute_p(q, k, lse, bias, mask_m, mask_n, scale, ACC_DTYPE, DOT_F32, PRECISION)
@@ -170,7 +185,7 @@ def _attn_bwd_dq(dq_ptr, q_ptr, stride_qm, stride_qd, k_ptr, stride_kn, stride_k
     """dq of one query tile: walk every key tile."""
     dims = tl.arange(0, BLOCK_D)
     mask_d = dims < head_dim
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < seq_q
     q_mask = mask_m[:, None] & mask_d[None, :]
     q = tl.load(q_ptr + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=q_mask, other=0.0)
@@ -178,12 +193,17 @@ def _attn_bwd_dq(dq_ptr, q_ptr, stride_qm, stride_qd, k_ptr, stride_kn, stride_k
     lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
     delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0).to(ACC_DTYPE)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    tile_n = tl.arange(0, BLOCK_N)
+    k_tile = k_ptr + tile_n[:, None] * stride_kn + dims[None, :] * stride_kd
+    v_tile = v_ptr + tile_n[:, None] * stride_vn + dims[None, :] * stride_vd
     for n0 in range(0, seq_k, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + tile_n
         mask_n = cols < seq_k
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_tile, mask=kv_mask, other=0.0)
+        k_tile += BLOCK_N * stride_kn
+        v_tile += BLOCK_N * stride_vn
         bias = _load_bias(size_ptr, stride_sn, cols, mask_n, has_size, ACC_DTYPE)
         p = _recompute_p(q, k, lse, bias, mask_m, mask_n, scale, ACC_DTYPE, DOT_F32, PRECISION)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_F32, PRECISION)
@@ -193,7 +213,7 @@ def _attn_bwd_dq(dq_ptr, q_ptr, stride_qm, stride_qd, k_ptr, stride_kn, stride_k
     tl.store(dq_ptr + offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "k_blocks"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "k_blocks", "blocks"])
 def _attn_bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr,  # [B, H, Nq, D], [B, H, Nk, D], [B, H, Nk, D] (contiguous)
     q_ptr, stride_qb, stride_qh, stride_qm, stride_qd,  # [B, H, Nq, D]
@@ -201,12 +221,12 @@ def _attn_bwd_kernel(
     v_ptr, stride_vb, stride_vh, stride_vn, stride_vd,  # [B, H, Nk, D]
     do_ptr, lse_ptr, delta_ptr,  # [B, H, Nq, D] (contiguous), [B, H, Nq] (contiguous) x2
     size_ptr, stride_sb, stride_sn,  # [B, Nk]
-    heads, seq_q, seq_k, head_dim, k_blocks, scale, has_size,
+    heads, seq_q, seq_k, head_dim, k_blocks, blocks, scale, has_size,
     ACC_DTYPE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0) % blocks  # blocks = k_blocks + q blocks
+    bh = (tl.program_id(0) // blocks).to(tl.int64)
     b = bh // heads
     h = bh % heads
     q_ptr += b * stride_qb + h * stride_qh
@@ -226,23 +246,65 @@ def _attn_bwd_kernel(
                      head_dim, scale, has_size, ACC_DTYPE, DOT_F32, PRECISION, BLOCK_D, BLOCK_M, BLOCK_N)
 
 
-# Tile shapes per (element size, BLOCK_D): (BLOCK_M, BLOCK_N, num_warps) of the forward and the backward.
-# Fixed, not autotuned: attention is called at a handful of (N, D) per model, the table keeps the AOT set small
-# (autotuning x 3 dtypes x 3 head dims x 2 archs), and no first call pays for benchmarking. Chosen from
-# python -m tome_kernels.aot (registers / spills, sm_80 and sm_90): the backward keeps ~3 fp32 [M, N] tiles
-# and two [N, D] accumulators live, and fp32's 3xTF32 dots split every operand in two, so wide heads and fp32
-# get smaller tiles and 8 warps.
-_FWD_TILES = {2: {32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)},
-              4: {32: (64, 32, 4), 64: (64, 32, 8), 128: (32, 32, 8)}}
-_BWD_TILES = {2: {32: (64, 64, 4), 64: (32, 64, 4), 128: (32, 64, 8)},
-              4: {32: (16, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)}}
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 3
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+# Tiles per (element size, BLOCK_D) of the forward and the backward. Fixed, not autotuned: attention is called
+# at a handful of (N, D) per model, the table keeps the AOT set small (autotuning x 3 dtypes x 3 head dims x 6
+# archs), and no first call pays for benchmarking. Chosen from python -m tome_kernels.aot (registers / spills /
+# shared memory): the backward keeps ~3 fp32 [M, N] tiles and two [N, D] accumulators live, and fp32's 3xTF32
+# dots split every operand in two, so wide heads and fp32 get smaller tiles and 8 warps.
+# fp32 tiles are the ones that compile without spills on all six archs (mma.sync archs need ~250 registers
+# for 3xTF32 tiles of 64 x 32 at head dim 64).
+_FWD_TILES = {2: {32: Tile(64, 64, 4), 64: Tile(64, 64, 4), 128: Tile(64, 32, 4)},
+              4: {32: Tile(64, 16, 4), 64: Tile(32, 32, 8), 128: Tile(16, 32, 8)}}
+_BWD_TILES = {2: {32: Tile(64, 64, 4), 64: Tile(32, 64, 4), 128: Tile(32, 64, 8)},
+              4: {32: Tile(16, 32, 4), 64: Tile(16, 32, 8), 128: Tile(16, 16, 8)}}
+# Devices with less shared memory per block than an A100 (GA10x, Ada, consumer Blackwell: 99 KB) get these
+# instead, keyed (element size, BLOCK_D), where the table's tile does not fit there (the AOT run checks every
+# arch against its limit): fp32 head dim 65-128 needs 102,656 B with 3 stages, so it pipelines 2 deep there.
+_FULL_SHARED_MEMORY = SHARED_MEMORY_PER_BLOCK[80]
+_SMALL_SMEM_FWD_TILES = {(4, 128): Tile(16, 32, 8, num_stages=2)}
+_SMALL_SMEM_BWD_TILES = {}
 _PREPROCESS_BLOCK_M = 64
 _PREPROCESS_BLOCK_D = 32
 HEAD_DIM_TILES = (32, 64, 128)  # BLOCK_D: head dims pad up to one of these (masked)
 
 
-def _tiles(table, dtype: torch.dtype, block_d: int):
-    return table[min(torch.finfo(dtype).bits // 8, 4)][block_d]
+def _tile(table, small_smem_table, dtype: torch.dtype, block_d: int, shared_memory: int | None) -> Tile:
+    """The tile for this dtype and padded head dim on a device with ``shared_memory`` bytes per block (None:
+    the interpreter, which has no limit)."""
+    key = (min(torch.finfo(dtype).bits // 8, 4), block_d)
+    if shared_memory is not None and shared_memory < _FULL_SHARED_MEMORY and key in small_smem_table:
+        return small_smem_table[key]
+    return table[key[0]][block_d]
+
+
+def fwd_shape(batch: int, heads: int, seq_q: int, dtype: torch.dtype, block_d: int,
+              shared_memory: int | None) -> dict:
+    """Tile and grid of ``_attn_fwd_kernel`` (q blocks x batch*heads on axis 0), computed without launching."""
+    tile = _tile(_FWD_TILES, _SMALL_SMEM_FWD_TILES, dtype, block_d, shared_memory)
+    q_blocks = triton.cdiv(seq_q, tile.block_m)
+    return dict(tile=tile, q_blocks=q_blocks, grid=checked_grid(q_blocks * batch * heads))
+
+
+def bwd_shape(batch: int, heads: int, seq_q: int, seq_k: int, dtype: torch.dtype, block_d: int,
+              shared_memory: int | None) -> dict:
+    """Tile and grids of the backward kernels ((k blocks + q blocks) x batch*heads on axis 0)."""
+    tile = _tile(_BWD_TILES, _SMALL_SMEM_BWD_TILES, dtype, block_d, shared_memory)
+    k_blocks = triton.cdiv(seq_k, tile.block_n)
+    blocks = k_blocks + triton.cdiv(seq_q, tile.block_m)
+    return dict(tile=tile, k_blocks=k_blocks, blocks=blocks, grid=checked_grid(blocks * batch * heads),
+                preprocess_grid=checked_grid(triton.cdiv(batch * heads * seq_q, _PREPROCESS_BLOCK_M)))
 
 
 def _supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -278,13 +340,12 @@ def attention(q, k, v, size, scale):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(batch, heads, seq_q, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     flags = _flags(q)
-    block_m, block_n, warps = _tiles(_FWD_TILES, q.dtype, flags["BLOCK_D"])
+    shape = fwd_shape(batch, heads, seq_q, q.dtype, flags["BLOCK_D"], shared_memory_per_block(q.device))
     with device_guard(q):
         size_t, stride_sb, stride_sn, has_size = _size_args(size, q)
-        _attn_fwd_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
+        _attn_fwd_kernel[shape["grid"]](
             out, lse, q, *q.stride(), k, *k.stride(), v, *v.stride(), size_t, stride_sb, stride_sn,
-            heads, seq_q, seq_k, head_dim, scale, has_size, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps)
+            heads, seq_q, seq_k, head_dim, shape["q_blocks"], scale, has_size, **flags, **shape["tile"].meta())
     return out, lse
 
 
@@ -299,35 +360,39 @@ def attention_backward(grad_out, q, k, v, size, out, lse, scale):
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
-    block_m, block_n, warps = _tiles(_BWD_TILES, q.dtype, flags["BLOCK_D"])
-    k_blocks = triton.cdiv(seq_k, block_n)
+    shape = bwd_shape(batch, heads, seq_q, seq_k, q.dtype, flags["BLOCK_D"], shared_memory_per_block(q.device))
     with device_guard(q):
         rows = batch * heads * seq_q
-        _attn_bwd_preprocess_kernel[(triton.cdiv(rows, _PREPROCESS_BLOCK_M),)](
+        _attn_bwd_preprocess_kernel[shape["preprocess_grid"]](
             delta, out, grad_out, rows, head_dim, ACC_DTYPE=flags["ACC_DTYPE"], BLOCK_M=_PREPROCESS_BLOCK_M,
             BLOCK_D=_PREPROCESS_BLOCK_D)
         size_t, stride_sb, stride_sn, has_size = _size_args(size, q)
-        _attn_bwd_kernel[(k_blocks + triton.cdiv(seq_q, block_m), batch * heads)](
+        _attn_bwd_kernel[shape["grid"]](
             dq, dk, dv, q, *q.stride(), k, *k.stride(), v, *v.stride(), grad_out, lse, delta,
-            size_t, stride_sb, stride_sn, heads, seq_q, seq_k, head_dim, k_blocks, scale, has_size, **flags,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+            size_t, stride_sb, stride_sn, heads, seq_q, seq_k, head_dim, shape["k_blocks"], shape["blocks"], scale,
+            has_size, **flags, **shape["tile"].meta())
     return dq, dk, dv
 
 
-def aot_specs() -> list[AotSpec]:
+def aot_specs(arch: int) -> list[AotSpec]:
+    """The tiles the launchers pick on ``arch`` (its shared memory per block decides)."""
     specs = []
     qkv = {p: None for p in ("q_ptr", "k_ptr", "v_ptr")}
+    shared_memory = SHARED_MEMORY_PER_BLOCK[arch]
     for name, dtype in AOT_DTYPES.items():
         for block_d in HEAD_DIM_TILES:
             common = {"stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "ACC_DTYPE": tl.float32, "DOT_F32": False,
                       "PRECISION": _precision(dtype), "BLOCK_D": block_d}
-            for kernel, table, outputs in ((_attn_fwd_kernel, _FWD_TILES, ("out_ptr",)),
-                                           (_attn_bwd_kernel, _BWD_TILES, ("dq_ptr", "dk_ptr", "dv_ptr", "do_ptr"))):
-                block_m, block_n, warps = _tiles(table, dtype, block_d)
+            for kernel, table, small, outputs in (
+                    (_attn_fwd_kernel, _FWD_TILES, _SMALL_SMEM_FWD_TILES, ("out_ptr",)),
+                    (_attn_bwd_kernel, _BWD_TILES, _SMALL_SMEM_BWD_TILES, ("dq_ptr", "dk_ptr", "dv_ptr", "do_ptr"))):
+                tile = _tile(table, small, dtype, block_d, shared_memory)
                 specs.append(AotSpec(
-                    kernel, f"{name} D={block_d} BLOCK_M={block_m} BLOCK_N={block_n}",
+                    kernel, f"{name} D={block_d} BLOCK_M={tile.block_m} BLOCK_N={tile.block_n}"
+                    f" stages={tile.num_stages}",
                     {**{p: name for p in (*qkv, *outputs)}, "lse_ptr": "fp32", "delta_ptr": "fp32", "size_ptr": "fp32"},
-                    {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, floats=("scale",)))
+                    {**common, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}, num_warps=tile.num_warps,
+                    num_stages=tile.num_stages, floats=("scale",)))
         specs.append(AotSpec(
             _attn_bwd_preprocess_kernel, name, {"delta_ptr": "fp32", "out_ptr": name, "do_ptr": name},
             {"ACC_DTYPE": tl.float32, "BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_D": _PREPROCESS_BLOCK_D}))
