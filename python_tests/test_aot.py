@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 _CHECKS = r"""
 import json, sys
-from tome_kernels import aot
+from tome_kernels.tools import aot
 
 result = {}
 # Occupancy: 128 registers x 4 warps on sm_80 -> 4 blocks (register-bound) of 4 warps = 16 / 64 warps.

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 
-from tome_kernels import eval_classification, eval_detection  # noqa: E402
+from tome_kernels.tools import eval_classification, eval_detection  # noqa: E402
 
 CLASSES = ["cat", "dog", "eel"]
 
