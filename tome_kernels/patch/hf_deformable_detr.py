@@ -1,0 +1,378 @@
+"""ToMe for transformers' Deformable DETR encoder (``DeformableDetrForObjectDetection`` / ``DeformableDetrModel``,
+transformers 5.x), dense form: every encoder output keeps its shape.
+
+``tome_kernels.patch.deformable_detr(model, ratio=0.5, pos_mode="keep")`` patches one model in place;
+``model.ratio`` (the fraction of the encoder's queries merged in each layer) can change between calls, and
+``ratio = 0`` runs transformers' own code. Per encoder layer::
+
+    groups = match(metric)                      # once per forward (match_once) or per layer
+    q, q_pos, q_ref = merge(x), carry(pos), carry(reference points)
+    x = self_attn_layer_norm(x + unmerge(deformable_attn(q, q_pos, q_ref, value=x)))   # value_proj sees all
+    x = final_layer_norm(x + unmerge(ffn(merge(x))))
+
+The value maps stay whole (multi-scale sampling reads the spatial grids) and the residual stream stays full,
+so the groups stay valid in later layers: by default they are matched once, in the first layer, from the
+layer's input, and reused. ``pos_mode="keep"`` gives a merged query the positional embedding and reference
+points of its B destination, ``"mean"`` their size-weighted mean.
+
+Matching: the op contract's bipartite split (A = even, B = odd positions of the flattened multi-scale
+sequence) within windows of ``window`` consecutive tokens of one feature level (rows of the level's grid;
+windows start at even positions, so window-local parity is the global one and the window's match indices
+are valid token positions after adding the window's offset). ``torch.ops.tome.bipartite_match`` runs on the
+windows as batch rows with every A merging (each A's best B in its window); the candidate pairs are then
+ranked over the whole image by cosine similarity and the best r merge (``window=None``: one global match).
+Ratios above one half (a bipartite step merges at most half the tokens) take a second step on the merged
+tokens. The merges are ``torch.ops.tome.merge`` / ``unmerge`` with these indices.
+
+Padding (``pixel_mask``): the metric becomes ``(m/|m|, 2, 0)`` for real tokens and ``(0, 0, 1)`` for padding
+(as :mod:`tome_kernels.patch.detr`): same-kind pairs score >= 0.6, cross-kind pairs 0, and r is clamped to
+the number of same-kind candidate pairs in the worst batch row, so a real token never merges with padding.
+The value mask is transformers' own (values at padded positions are zeroed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import tome_kernels  # noqa: F401  (registers torch.ops.tome)
+
+from .detr import _padding_metric
+
+__all__ = ["deformable_detr", "apply_patch", "unpatch"]
+
+_SUPPORTED_MAJOR = 5
+METRICS = ("x+pos", "x", "random")
+POS_MODES = ("keep", "mean")
+# Same-kind candidate pairs score >= 0.6 under the padding metric, cross-kind pairs exactly 0.
+_SAME_KIND = 0.3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Groups: one or two bipartite steps, as (unm_idx, src_idx, dst_idx, size entering the step)
+# ----------------------------------------------------------------------------------------------------
+class Groups:
+    """Merges of one forward: ``merge`` [B, N, C] -> [B, N', C], ``unmerge`` back, ``carry`` for the
+    positional embeddings and reference points (kept from the representative or size-averaged)."""
+
+    def __init__(self, steps, rep):
+        self.steps = steps        # [(unm_idx, src_idx, dst_idx, size)]
+        self.rep = rep            # [B, N'] input position whose pos a merged token keeps ("keep")
+        self.queries = None       # (pos, reference points) of the merged queries, filled on first use
+
+    @property
+    def num_merged(self) -> int:
+        return sum(step[1].shape[1] for step in self.steps)
+
+    def merge(self, x):
+        for unm_idx, src_idx, dst_idx, size in self.steps:
+            x, _ = torch.ops.tome.merge(x, size, unm_idx, src_idx, dst_idx, 0)
+        return x
+
+    def unmerge(self, y):
+        for unm_idx, src_idx, dst_idx, _ in reversed(self.steps):
+            y = torch.ops.tome.unmerge(y, unm_idx, src_idx, dst_idx, 0)
+        return y
+
+    def carry(self, t, pos_mode: str):
+        if pos_mode == "mean":
+            return self.merge(t)
+        return t.gather(1, self.rep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def _windows(segments, window: int, device) -> torch.Tensor:
+    """``[num_windows, window]`` token positions: windows of ``window`` consecutive tokens inside each
+    segment ``[lo, hi)``, starting at even positions (window-local parity = the op's A/B split)."""
+    starts = []
+    for lo, hi in segments:
+        first = lo + lo % 2
+        count = max(hi - first, 0) // window
+        starts.append(first + window * torch.arange(count, device=device))
+    starts = torch.cat(starts)
+    return starts[:, None] + torch.arange(window, device=device)
+
+
+def _candidates(metric, table):
+    """Every A token's best B: in its window (``table``) or, with ``table=None``, over all tokens.
+    Returns ``(src [B, K], dst [B, K], rest [B, nA - K])`` positions; ``rest``: A tokens with no candidate."""
+    batch, num_tokens, channels = metric.shape
+    if table is None:
+        rest, src, dst = torch.ops.tome.bipartite_match(metric, num_tokens, 0)
+        return src, dst, rest
+    num_windows, window = table.shape
+    local = metric[:, table.flatten()].reshape(batch * num_windows, window, channels)
+    _, src, dst = torch.ops.tome.bipartite_match(local, window, 0)
+    positions = table.repeat(batch, 1)
+    covered = torch.zeros(num_tokens, dtype=torch.bool, device=metric.device)
+    covered[table.flatten()] = True
+    rest = torch.arange(0, num_tokens, 2, device=metric.device)
+    rest = rest[~covered[rest]].expand(batch, -1)
+    return positions.gather(1, src).view(batch, -1), positions.gather(1, dst).view(batch, -1), rest
+
+
+def _step(metric, real, table, r: int):
+    """One bipartite step: ``(unm_idx, src_idx, dst_idx)`` merging the (at most) r best candidate pairs."""
+    batch, num_tokens, _ = metric.shape
+    if real is not None:
+        metric = _padding_metric(metric, real)
+    src, dst, rest = _candidates(metric, table)
+    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    score = (unit.gather(1, src.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+             * unit.gather(1, dst.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))).sum(-1)
+    r = min(r, src.shape[1])
+    if real is not None and r > 0:  # one host sync per step, padded batches only
+        r = min(r, int((score > _SAME_KIND).sum(1).min()))
+    order = score.argsort(dim=1, descending=True, stable=True)
+    src, dst = src.gather(1, order), dst.gather(1, order)
+    unm = torch.cat([src[:, r:], rest], dim=1)
+    # Ascending positions: merged tokens stay in spatial order (a second step's windows are local).
+    return unm.sort(dim=1).values, src[:, :r].contiguous(), dst[:, :r].contiguous()
+
+
+def match(metric, real, segments, r: int, window: int | None) -> Groups:
+    """Groups merging ``r`` of the tokens of ``metric`` [B, N, C] (``real`` [B, N] bool or None; ``segments``:
+    the feature levels' token ranges), in one bipartite step or two when r exceeds half the tokens."""
+    batch, num_tokens, _ = metric.shape
+    steps = []
+    size = None
+    rep = torch.arange(num_tokens, device=metric.device).expand(batch, -1)
+    while r > 0:
+        n = metric.shape[1]
+        table = None if window is None else _windows(segments, window, metric.device)
+        unm_idx, src_idx, dst_idx = _step(metric, real, table, r)
+        merged = src_idx.shape[1]
+        if merged == 0:
+            break
+        steps.append((unm_idx, src_idx, dst_idx, size))
+        metric, size = torch.ops.tome.merge(metric, size, unm_idx, src_idx, dst_idx, 0)
+        # The output order is [unmerged A ; every B in order]: its representatives and its level ranges.
+        kept = torch.cat([unm_idx, torch.arange(1, n, 2, device=metric.device).expand(batch, -1)], dim=1)
+        rep = rep.gather(1, kept)
+        if real is not None:
+            real = real.gather(1, kept)
+        num_unm = unm_idx.shape[1]
+        segments = [(0, num_unm)] + [(num_unm + lo // 2, num_unm + hi // 2) for lo, hi in segments]
+        r -= merged
+    return Groups(steps, rep)
+
+
+def _metric(kind: str, hidden, pos, dim: int | None, seed: int = 0):
+    if kind == "random":
+        generator = torch.Generator(device=hidden.device).manual_seed(seed)
+        return torch.randn(hidden.shape[:2] + (dim or 16,), generator=generator, device=hidden.device)
+    metric = hidden + pos if kind == "x+pos" and pos is not None else hidden
+    if dim is not None and dim < metric.shape[-1]:
+        # Channel groups averaged: a cheaper metric for the per-window scores and the global match.
+        metric = metric.unflatten(-1, (dim, -1)).mean(-1)
+    return metric
+
+
+# ----------------------------------------------------------------------------------------------------
+# The patched encoder layer
+# ----------------------------------------------------------------------------------------------------
+class _Call:
+    """State of one encoder forward: the groups (shared by the layers with match_once) and counts."""
+
+    def __init__(self):
+        self.groups = None
+        self.queries = []
+
+
+def _layer_groups(info, call, hidden, pos, mask, shapes):
+    if call.groups is not None and info["match_once"]:
+        return call.groups
+    num_tokens = hidden.shape[1]
+    r = int(round(info["ratio"] * num_tokens))
+    builder = info.get("groups_fn")
+    if builder is not None:  # benchmarks substitute other query selections
+        return builder(hidden, pos, mask, shapes, r)
+    real = None if mask is None or bool(mask.all()) else mask.bool()
+    segments, start = [], 0
+    for height, width in shapes:
+        segments.append((start, start + height * width))
+        start += height * width
+    metric = _metric(info["metric"], hidden, pos, info["metric_dim"])
+    return match(metric, real, segments, r, info["window"])
+
+
+class _ToMeEncoderLayer:
+    def forward(self, hidden_states, attention_mask, spatial_position_embeddings=None, reference_points=None,
+                spatial_shapes=None, spatial_shapes_list=None, level_start_index=None, **kwargs):
+        info = self._tome_info
+        call = info.get("_call")
+        if call is None or info["ratio"] == 0:
+            return super().forward(hidden_states, attention_mask, spatial_position_embeddings, reference_points,
+                                   spatial_shapes, spatial_shapes_list, level_start_index, **kwargs)
+        groups = _layer_groups(info, call, hidden_states, spatial_position_embeddings, attention_mask,
+                               spatial_shapes_list)
+        call.groups = groups
+        call.queries.append(hidden_states.shape[1] - groups.num_merged)
+        if groups.queries is None:
+            ref = reference_points.flatten(2)
+            pos = spatial_position_embeddings
+            groups.queries = (None if pos is None else groups.carry(pos, info["pos_mode"]),
+                              groups.carry(ref, info["pos_mode"]).view(ref.shape[0], -1,
+                                                                       *reference_points.shape[2:]))
+        query_pos, query_ref = groups.queries
+
+        residual = hidden_states
+        update, _ = self.self_attn(hidden_states=groups.merge(hidden_states), attention_mask=attention_mask,
+                                   encoder_hidden_states=hidden_states, encoder_attention_mask=attention_mask,
+                                   position_embeddings=query_pos, reference_points=query_ref,
+                                   spatial_shapes=spatial_shapes, spatial_shapes_list=spatial_shapes_list,
+                                   level_start_index=level_start_index)
+        update = nn.functional.dropout(update, p=self.dropout, training=self.training)
+        hidden_states = self.self_attn_layer_norm(residual + groups.unmerge(update))
+
+        residual = hidden_states
+        update = groups.unmerge(self.mlp(groups.merge(hidden_states)))
+        hidden_states = self.final_layer_norm(residual + update)
+        if self.training and not torch.isfinite(hidden_states).all():
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states
+
+
+def _encoder_pre_hook(module, args, kwargs):
+    module._tome_info["_call"] = _Call()
+
+
+def _encoder_hook(module, args, kwargs, output):
+    info = module._tome_info
+    call, info["_call"] = info.get("_call"), None
+    info["queries"] = [] if call is None else list(call.queries)
+
+
+_HOOKS = (_encoder_pre_hook, _encoder_hook)
+
+
+def _ratio(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"tome: ratio must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"tome: ratio must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+class _ToMeDeformableDetr:
+    """Top-level model: the ``ratio`` property."""
+
+    @property
+    def ratio(self) -> float:
+        return self._tome_info["ratio"]
+
+    @ratio.setter
+    def ratio(self, value) -> None:
+        self._tome_info["ratio"] = _ratio(value)
+
+
+_CLASSES: dict = {}
+
+
+def _patched_class(cls: type, mixin: type, keep_name: bool = False) -> type:
+    original = getattr(cls, "_tome_original_class", cls)
+    key = (original, mixin)
+    if key not in _CLASSES:
+        name = original.__name__ if keep_name else f"ToMe{original.__name__}"
+        _CLASSES[key] = type(name, (mixin, original), {"_tome_original_class": original,
+                                                       "__module__": __name__})
+    return _CLASSES[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------
+def _modeling():
+    try:
+        import transformers
+        from transformers.models.deformable_detr import modeling_deformable_detr
+    except ImportError as error:
+        raise ImportError(f"tome_kernels.patch.deformable_detr needs transformers {_SUPPORTED_MAJOR}.x ({error})"
+                          ) from None
+    major = int(transformers.__version__.split(".")[0])
+    if major != _SUPPORTED_MAJOR:
+        raise RuntimeError(f"tome_kernels.patch.deformable_detr supports transformers {_SUPPORTED_MAJOR}.x, found "
+                           f"{transformers.__version__}")
+    return modeling_deformable_detr
+
+
+def _inner_model(md, model) -> nn.Module:
+    if isinstance(model, md.DeformableDetrForObjectDetection):
+        inner = model.model
+    elif isinstance(model, md.DeformableDetrModel):
+        inner = model
+    else:
+        cls = getattr(type(model), "_tome_original_class", type(model))
+        raise TypeError("tome_kernels.patch.deformable_detr supports transformers DeformableDetrForObjectDetection "
+                        f"and DeformableDetrModel, got {cls.__module__}.{cls.__qualname__}")
+    for layer in inner.encoder.layers:
+        cls = getattr(type(layer), "_tome_original_class", type(layer))
+        if not isinstance(layer, md.DeformableDetrEncoderLayer) or cls.forward is not \
+                md.DeformableDetrEncoderLayer.forward:
+            raise TypeError(f"tome_kernels.patch.deformable_detr: {cls.__qualname__} is not "
+                            "DeformableDetrEncoderLayer (or a subclass keeping its forward)")
+    return inner
+
+
+def apply_patch(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep", metric: str = "x+pos",
+                window: int | None = 8, metric_dim: int | None = None, match_once: bool = True) -> nn.Module:
+    """Make ``model`` (transformers ``DeformableDetrForObjectDetection`` / ``DeformableDetrModel``) merge its
+    encoder queries in place; returns ``model``.
+
+    ``ratio``: fraction of the encoder's queries merged in every layer, in [0, 1) (0: transformers' code);
+    ``pos_mode``: ``"keep"`` (a merged query takes its destination's positional embedding and reference
+    points) or ``"mean"`` (size-weighted); ``metric``: what matches, ``"x+pos"`` (the layer input plus its
+    positional embedding: what the sampling offsets and weights are projected from), ``"x"``, or
+    ``"random"`` (a control); ``window``: tokens per matching window (even, within a feature level's rows),
+    None = one global match; ``metric_dim``: average the metric's channels down to this many;
+    ``match_once``: match in the first layer and reuse the groups (else match in every layer).
+    Patching a patched model updates its settings.
+    """
+    md = _modeling()
+    inner = _inner_model(md, model)
+    if pos_mode not in POS_MODES:
+        raise ValueError(f"tome_kernels.patch.deformable_detr: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
+    if metric not in METRICS:
+        raise ValueError(f"tome_kernels.patch.deformable_detr: metric must be one of {METRICS}, got {metric!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2
+                               or window % 2):
+        raise ValueError(f"tome_kernels.patch.deformable_detr: window must be an even int >= 2 or None, "
+                         f"got {window!r}")
+    if metric_dim is not None and (isinstance(metric_dim, bool) or not isinstance(metric_dim, int)
+                                   or metric_dim < 1 or model.config.d_model % metric_dim):
+        raise ValueError(f"tome_kernels.patch.deformable_detr: metric_dim must divide d_model "
+                         f"({model.config.d_model}) or be None, got {metric_dim!r}")
+    info = getattr(model, "_tome_info", None) or {"_call": None}
+    info.update(ratio=_ratio(ratio), pos_mode=pos_mode, metric=metric, window=window, metric_dim=metric_dim,
+                match_once=bool(match_once))
+    for top in {id(model): model, id(inner): inner}.values():
+        top.__class__ = _patched_class(type(top), _ToMeDeformableDetr, keep_name=True)
+        top._tome_info = info
+    for layer in inner.encoder.layers:
+        layer.__class__ = _patched_class(type(layer), _ToMeEncoderLayer)
+        layer._tome_info = info
+    encoder = inner.encoder
+    if _encoder_pre_hook not in encoder._forward_pre_hooks.values():
+        encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
+    if _encoder_hook not in encoder._forward_hooks.values():
+        encoder.register_forward_hook(_encoder_hook, with_kwargs=True)
+    encoder._tome_info = info
+    return model
+
+
+deformable_detr = apply_patch
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_patch` in place and return ``model``."""
+    for module in model.modules():
+        for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+                                   (module._forward_hooks, module._forward_hooks_with_kwargs)):
+            for key in [key for key, hook in hooks.items() if hook in _HOOKS]:
+                del hooks[key]
+                with_kwargs.pop(key, None)
+        original = getattr(type(module), "_tome_original_class", None)
+        if original is not None:
+            module.__class__ = original
+        module.__dict__.pop("_tome_info", None)
+    return model
