@@ -13,7 +13,7 @@ from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation
 import tome_kernels.patch  # noqa: E402
 from tome_kernels import reference  # noqa: E402
 
-detr_patch = importlib.import_module("tome_kernels.patch.detr")
+detr_patch = importlib.import_module("tome_kernels.patch.hf_detr")
 
 HEIGHT, WIDTH = 256, 320  # an 8 x 10 feature map: 80 encoder tokens
 

@@ -1,17 +1,18 @@
-"""Per-instance ToMe patches for model libraries (the libraries are imported on first use).
+"""Per-instance ToMe patches for model libraries (each library is imported only when its model is patched).
 
-``tome_kernels.patch.timm(model, trace_source=False, prop_attn=True)`` turns a timm ``VisionTransformer``
-into a ToMe model in place (then set ``model.r``); ``tome_kernels.patch.unpatch(model)`` reverts it.
-``tome_kernels.patch.detr(model, er=0, mr=0, dr=0, prop_attn=True, pos_mode="keep")`` does the same for a
-transformers 5.x ``DetrForObjectDetection`` / ``DetrModel``; ``tome_kernels.patch.detr_unpatch(model)``
-reverts it. Only the patched instance changes: classes of the instance and its layers are swapped for
-ToMe subclasses, no library code is modified. The names are functions; the modules are
-``importlib.import_module("tome_kernels.patch.timm" | "tome_kernels.patch.detr")``.
+``tome_kernels.patch.apply_patch(model, r=0, **options)`` finds the model's family and patches it in place;
+``tome_kernels.patch.unpatch(model)`` reverts any family. The family calls stay public:
+``tome_kernels.patch.timm(model, trace_source=False, prop_attn=True)`` (timm ViTs; then set ``model.r``) and
+``tome_kernels.patch.detr(model, er=0, mr=0, dr=0, prop_attn=True, pos_mode="keep")`` (transformers DETR).
+Only the patched instance changes: classes of the instance and its layers are swapped for ToMe subclasses;
+no library code is modified. The family modules are ``timm_vit`` and ``hf_detr``; the machinery they share
+(and how to add a family) is in ``_toolkit``.
 """
 
-from .detr import apply_patch as detr
-from .detr import unpatch as detr_unpatch
-from .timm import apply_patch as timm
-from .timm import parse_r, unpatch
+from ._toolkit import apply_patch, families, parse_r, unpatch
+from .hf_detr import detr
+from .timm_vit import timm
 
-__all__ = ["timm", "unpatch", "parse_r", "detr", "detr_unpatch"]
+detr_unpatch = unpatch  # the name of earlier releases
+
+__all__ = ["apply_patch", "unpatch", "families", "parse_r", "timm", "detr", "detr_unpatch"]

@@ -61,9 +61,10 @@ from torch import nn
 
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 
-from ._common import merge_count, resolve_attn_impl
+from . import _toolkit as tk
+from ._toolkit import merge_count, resolve_attn_impl
 
-__all__ = ["detr", "apply_patch", "unpatch"]
+__all__ = ["detr"]
 
 # Real tokens' constant metric channel: real-real similarity >= (a^2 - 1) / (a^2 + 1) = 0.6 > 0 = pad-real.
 _REAL_CHANNEL = 2.0
@@ -292,11 +293,11 @@ def _decoder_pre_hook(module, args, kwargs):
     return (), arguments
 
 
-_HOOKS = (_encoder_pre_hook, _encoder_hook, _decoder_pre_hook)
+
 
 
 # ----------------------------------------------------------------------------------------------------
-# ToMe subclasses (mixins; the concrete classes are made per original class by _patched_class)
+# ToMe subclasses (mixins; the concrete classes are made per original class by tk.swap_class)
 # ----------------------------------------------------------------------------------------------------
 class _ToMeEncoderLayer:
     def forward(self, hidden_states, attention_mask=None, spatial_position_embeddings=None, **kwargs):
@@ -372,6 +373,8 @@ def _merge_count_property(name: str):
 class _ToMeDetr:
     """Top-level model (DetrForObjectDetection or DetrModel): er / mr / dr, one state per forward."""
 
+    _tome_keep_name = True  # save_pretrained writes the class name as the architecture
+
     er = _merge_count_property("er")
     mr = _merge_count_property("mr")
     dr = _merge_count_property("dr")
@@ -402,21 +405,6 @@ def _finish(info) -> None:
                 source=None if memory is None else memory.source,
                 query_source=None if queries is None else queries.source,
                 token_mask=None if memory is None else memory.initial_real)
-
-
-_CLASSES: dict = {}
-
-
-def _patched_class(cls: type, mixin: type, keep_name: bool = False) -> type:
-    """``cls`` with ``mixin``'s methods first (made once per pair). Top-level models keep their class name so
-    ``save_pretrained`` still writes a loadable ``architectures`` entry."""
-    original = getattr(cls, "_tome_original_class", cls)
-    key = (original, mixin)
-    if key not in _CLASSES:
-        name = original.__name__ if keep_name else f"ToMe{original.__name__}"
-        _CLASSES[key] = type(name, (mixin, original), {"_tome_original_class": original,
-                                                       "__module__": __name__})
-    return _CLASSES[key]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,7 +453,11 @@ def _check_supported(md, model) -> nn.Module:
     return detr_model
 
 
-def apply_patch(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: bool = True,
+@tk.register_family("detr", ("transformers.models.detr.modeling_detr.DetrForObjectDetection",
+                             "transformers.models.detr.modeling_detr.DetrModel",
+                             "transformers.models.detr.modeling_detr.DetrForSegmentation"),
+                    "transformers DetrForObjectDetection, DetrModel (er / mr / dr instead of r)")
+def detr(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: bool = True,
                 pos_mode: str = "keep", trace_source: bool = False, attn_impl: str = "auto") -> nn.Module:
     """Make ``model`` (transformers ``DetrForObjectDetection`` or ``DetrModel``) a ToMe model in place.
 
@@ -491,39 +483,20 @@ def apply_patch(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_at
                 attn_impl=resolve_attn_impl(attn_impl, model))
 
     for top in {id(model): model, id(detr_model): detr_model}.values():
-        top.__class__ = _patched_class(type(top), _ToMeDetr, keep_name=True)
+        tk.swap_class(top, _ToMeDetr)
         top._tome_info = info
     for layer in detr_model.encoder.layers:
-        layer.__class__ = _patched_class(type(layer), _ToMeEncoderLayer)
+        tk.swap_class(layer, _ToMeEncoderLayer)
         layer._tome_info = info
     for layer in detr_model.decoder.layers:
-        layer.__class__ = _patched_class(type(layer), _ToMeDecoderLayer)
+        tk.swap_class(layer, _ToMeDecoderLayer)
         layer._tome_info = info
     encoder, decoder = detr_model.encoder, detr_model.decoder
     # Registered once per instance; no handles kept (a deepcopy would share them with the original).
-    if _encoder_pre_hook not in encoder._forward_pre_hooks.values():
-        encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
-    if _encoder_hook not in encoder._forward_hooks.values():
-        encoder.register_forward_hook(_encoder_hook, with_kwargs=True)
-    if _decoder_pre_hook not in decoder._forward_pre_hooks.values():
-        decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+    tk.add_hook(encoder, _encoder_pre_hook, "forward_pre")
+    tk.add_hook(encoder, _encoder_hook, "forward")
+    tk.add_hook(decoder, _decoder_pre_hook, "forward_pre")
     encoder._tome_info = decoder._tome_info = info
     return model
 
 
-detr = apply_patch
-
-
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_patch` in place (classes, hooks, ToMe attributes) and return ``model``."""
-    for module in model.modules():
-        for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
-                                   (module._forward_hooks, module._forward_hooks_with_kwargs)):
-            for key in [key for key, hook in hooks.items() if hook in _HOOKS]:
-                del hooks[key]
-                with_kwargs.pop(key, None)
-        original = getattr(type(module), "_tome_original_class", None)
-        if original is not None:
-            module.__class__ = original
-        module.__dict__.pop("_tome_info", None)
-    return model
