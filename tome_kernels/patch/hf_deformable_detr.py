@@ -37,9 +37,10 @@ from torch import nn
 
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 
-from .detr import _padding_metric
+from . import _toolkit as tk
+from .hf_detr import _padding_metric
 
-__all__ = ["deformable_detr", "apply_patch", "unpatch"]
+__all__ = ["deformable_detr", "apply_patch", "unpatch", "match", "Groups"]
 
 _SUPPORTED_MAJOR = 5
 METRICS = ("x+pos", "x", "random")
@@ -168,22 +169,19 @@ def _metric(kind: str, hidden, pos, dim: int | None, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The patched encoder layer
+# The patched model and encoder layers
 # ----------------------------------------------------------------------------------------------------
-class _Call:
-    """State of one encoder forward: the groups (shared by the layers with match_once) and counts."""
-
-    def __init__(self):
-        self.groups = None
-        self.queries = []
+FAMILY = "deformable_detr"
+# Code fingerprints (tome_kernels.patch._toolkit.fingerprint) of the transformers method this patch renders.
+KNOWN_FORWARDS = {"DeformableDetrEncoderLayer.forward": {"14206d342868ef55"}}
 
 
-def _layer_groups(info, call, hidden, pos, mask, shapes):
-    if call.groups is not None and info["match_once"]:
+def _layer_groups(config, call, hidden, pos, mask, shapes) -> Groups:
+    if call.groups is not None and config["match_once"]:
         return call.groups
     num_tokens = hidden.shape[1]
-    r = int(round(info["ratio"] * num_tokens))
-    builder = info.get("groups_fn")
+    r = int(round(config["ratio"] * num_tokens))
+    builder = config.get("groups_fn")
     if builder is not None:  # benchmarks substitute other query selections
         return builder(hidden, pos, mask, shapes, r)
     real = None if mask is None or bool(mask.all()) else mask.bool()
@@ -191,28 +189,28 @@ def _layer_groups(info, call, hidden, pos, mask, shapes):
     for height, width in shapes:
         segments.append((start, start + height * width))
         start += height * width
-    metric = _metric(info["metric"], hidden, pos, info["metric_dim"])
-    return match(metric, real, segments, r, info["window"])
+    metric = _metric(config["metric"], hidden, pos, config["metric_dim"])
+    return match(metric, real, segments, r, config["window"])
 
 
 class _ToMeEncoderLayer:
     def forward(self, hidden_states, attention_mask, spatial_position_embeddings=None, reference_points=None,
                 spatial_shapes=None, spatial_shapes_list=None, level_start_index=None, **kwargs):
-        info = self._tome_info
-        call = info.get("_call")
-        if call is None or info["ratio"] == 0:
+        call = tk.current_call()
+        if call is None or call.mixin is not _ToMeDeformableDetr or call.config["ratio"] == 0:
             return super().forward(hidden_states, attention_mask, spatial_position_embeddings, reference_points,
                                    spatial_shapes, spatial_shapes_list, level_start_index, **kwargs)
-        groups = _layer_groups(info, call, hidden_states, spatial_position_embeddings, attention_mask,
+        config = call.config
+        groups = _layer_groups(config, call, hidden_states, spatial_position_embeddings, attention_mask,
                                spatial_shapes_list)
         call.groups = groups
         call.queries.append(hidden_states.shape[1] - groups.num_merged)
-        if groups.queries is None:
+        if groups.queries is None:  # positions and reference points are the same in every layer
             ref = reference_points.flatten(2)
             pos = spatial_position_embeddings
-            groups.queries = (None if pos is None else groups.carry(pos, info["pos_mode"]),
-                              groups.carry(ref, info["pos_mode"]).view(ref.shape[0], -1,
-                                                                       *reference_points.shape[2:]))
+            groups.queries = (None if pos is None else groups.carry(pos, config["pos_mode"]),
+                              groups.carry(ref, config["pos_mode"]).view(ref.shape[0], -1,
+                                                                         *reference_points.shape[2:]))
         query_pos, query_ref = groups.queries
 
         residual = hidden_states
@@ -233,29 +231,19 @@ class _ToMeEncoderLayer:
         return hidden_states
 
 
-def _encoder_pre_hook(module, args, kwargs):
-    module._tome_info["_call"] = _Call()
-
-
-def _encoder_hook(module, args, kwargs, output):
-    info = module._tome_info
-    call, info["_call"] = info.get("_call"), None
-    info["queries"] = [] if call is None else list(call.queries)
-
-
-_HOOKS = (_encoder_pre_hook, _encoder_hook)
-
-
 def _ratio(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"tome: ratio must be a float in [0, 1), got {type(value).__name__} {value!r}")
+        raise TypeError(f"tome: ratio must be a number in [0, 1), got {type(value).__name__} {value!r}")
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"tome: ratio must be in [0, 1), got {value!r}")
     return float(value)
 
 
 class _ToMeDeformableDetr:
-    """Top-level model: the ``ratio`` property."""
+    """Top-level model (DeformableDetrForObjectDetection or DeformableDetrModel): ``ratio``, one Call per
+    forward (the groups and the query counts of that forward)."""
+
+    _tome_keep_name = True  # save_pretrained writes the class name as the architecture
 
     @property
     def ratio(self) -> float:
@@ -265,18 +253,14 @@ class _ToMeDeformableDetr:
     def ratio(self, value) -> None:
         self._tome_info["ratio"] = _ratio(value)
 
+    def forward(self, *args, **kwargs):
+        return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
 
-_CLASSES: dict = {}
+    def _tome_start(self) -> tk.Call:
+        return tk.Call(dict(self._tome_info), groups=None, queries=[])
 
-
-def _patched_class(cls: type, mixin: type, keep_name: bool = False) -> type:
-    original = getattr(cls, "_tome_original_class", cls)
-    key = (original, mixin)
-    if key not in _CLASSES:
-        name = original.__name__ if keep_name else f"ToMe{original.__name__}"
-        _CLASSES[key] = type(name, (mixin, original), {"_tome_original_class": original,
-                                                       "__module__": __name__})
-    return _CLASSES[key]
+    def _tome_finish(self, call: tk.Call) -> None:
+        self._tome_info["queries"] = list(call.queries)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,20 +286,16 @@ def _inner_model(md, model) -> nn.Module:
     elif isinstance(model, md.DeformableDetrModel):
         inner = model
     else:
-        cls = getattr(type(model), "_tome_original_class", type(model))
         raise TypeError("tome_kernels.patch.deformable_detr supports transformers DeformableDetrForObjectDetection "
-                        f"and DeformableDetrModel, got {cls.__module__}.{cls.__qualname__}")
-    for layer in inner.encoder.layers:
-        cls = getattr(type(layer), "_tome_original_class", type(layer))
-        if not isinstance(layer, md.DeformableDetrEncoderLayer) or cls.forward is not \
-                md.DeformableDetrEncoderLayer.forward:
-            raise TypeError(f"tome_kernels.patch.deformable_detr: {cls.__qualname__} is not "
-                            "DeformableDetrEncoderLayer (or a subclass keeping its forward)")
+                        f"and DeformableDetrModel, got {tk.class_path(tk.original_class(model))}")
+    for index, layer in enumerate(inner.encoder.layers):
+        tk.check_forward(layer, md.DeformableDetrEncoderLayer, "forward", FAMILY, KNOWN_FORWARDS,
+                         where=f"encoder layer {index}")
     return inner
 
 
-def apply_patch(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep", metric: str = "x+pos",
-                window: int | None = 8, metric_dim: int | None = None, match_once: bool = True) -> nn.Module:
+def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep", metric: str = "x+pos",
+                    window: int | None = 8, metric_dim: int | None = None, match_once: bool = True) -> nn.Module:
     """Make ``model`` (transformers ``DeformableDetrForObjectDetection`` / ``DeformableDetrModel``) merge its
     encoder queries in place; returns ``model``.
 
@@ -342,37 +322,28 @@ def apply_patch(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep", me
                                    or metric_dim < 1 or model.config.d_model % metric_dim):
         raise ValueError(f"tome_kernels.patch.deformable_detr: metric_dim must divide d_model "
                          f"({model.config.d_model}) or be None, got {metric_dim!r}")
-    info = getattr(model, "_tome_info", None) or {"_call": None}
+    info = getattr(model, "_tome_info", None) or {}
     info.update(ratio=_ratio(ratio), pos_mode=pos_mode, metric=metric, window=window, metric_dim=metric_dim,
                 match_once=bool(match_once))
     for top in {id(model): model, id(inner): inner}.values():
-        top.__class__ = _patched_class(type(top), _ToMeDeformableDetr, keep_name=True)
+        tk.swap_class(top, _ToMeDeformableDetr)
         top._tome_info = info
     for layer in inner.encoder.layers:
-        layer.__class__ = _patched_class(type(layer), _ToMeEncoderLayer)
-        layer._tome_info = info
-    encoder = inner.encoder
-    if _encoder_pre_hook not in encoder._forward_pre_hooks.values():
-        encoder.register_forward_pre_hook(_encoder_pre_hook, with_kwargs=True)
-    if _encoder_hook not in encoder._forward_hooks.values():
-        encoder.register_forward_hook(_encoder_hook, with_kwargs=True)
-    encoder._tome_info = info
+        tk.swap_class(layer, _ToMeEncoderLayer)
     return model
 
 
-deformable_detr = apply_patch
+@tk.register_family(FAMILY, ("transformers.models.deformable_detr.modeling_deformable_detr."
+                             "DeformableDetrForObjectDetection",
+                             "transformers.models.deformable_detr.modeling_deformable_detr.DeformableDetrModel"),
+                    "transformers DeformableDetrForObjectDetection, DeformableDetrModel (ratio instead of r)")
+def apply_patch(model: nn.Module, r=0, **options) -> nn.Module:
+    """:func:`deformable_detr` for ``tome_kernels.patch.apply_patch``: the encoder merges a fraction of its
+    queries (``ratio``, default 0.5), not a count, so ``r`` must stay 0."""
+    if r:
+        raise TypeError(f"tome_kernels.patch.deformable_detr merges a fraction of the encoder queries: pass "
+                        f"ratio=..., not r={r!r}")
+    return deformable_detr(model, **options)
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_patch` in place and return ``model``."""
-    for module in model.modules():
-        for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
-                                   (module._forward_hooks, module._forward_hooks_with_kwargs)):
-            for key in [key for key, hook in hooks.items() if hook in _HOOKS]:
-                del hooks[key]
-                with_kwargs.pop(key, None)
-        original = getattr(type(module), "_tome_original_class", None)
-        if original is not None:
-            module.__class__ = original
-        module.__dict__.pop("_tome_info", None)
-    return model
+unpatch = tk.unpatch
