@@ -260,7 +260,7 @@ class _ToMeDeformableDetr:
         return tk.Call(dict(self._tome_info), groups=None, queries=[])
 
     def _tome_finish(self, call: tk.Call) -> None:
-        self._tome_info["queries"] = list(call.queries)
+        self._tome_info.update(queries=list(call.queries), groups=call.groups)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +306,8 @@ def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep"
     ``"random"`` (a control); ``window``: tokens per matching window (even, within a feature level's rows),
     None = one global match; ``metric_dim``: average the metric's channels down to this many;
     ``match_once``: match in the first layer and reuse the groups (else match in every layer).
-    Patching a patched model updates its settings.
+    Patching a patched model updates its settings. After each forward ``model._tome_info`` holds ``queries``
+    (the merged query count of every encoder layer) and ``groups`` (the last layer's :class:`Groups`).
     """
     md = _modeling()
     inner = _inner_model(md, model)
