@@ -159,7 +159,7 @@ def test_dense_layer_matches_explicit_merge_and_unmerge():
 
 
 @pytest.mark.parametrize("ratio, queries", [(0.5, 213), (0.75, 106), (0.3, 298)])
-@pytest.mark.parametrize("window", [8, 2, None])
+@pytest.mark.parametrize("window", [8, 2, (2, 4), None])
 def test_query_counts_and_groups(ratio, queries, window):
     model = tome_kernels.patch.deformable_detr(make_model(), ratio=ratio, window=window)
     out = run(model, images(1))
@@ -173,6 +173,12 @@ def test_query_counts_and_groups(ratio, queries, window):
     ids = groups.unmerge(torch.arange(sizes.shape[1], dtype=torch.float32).view(1, -1, 1))
     counts = torch.bincount(ids.flatten().long(), minlength=sizes.shape[1])
     assert (counts >= 1).all()
+
+
+def test_grid_windows_follow_the_parity_split():
+    table = deformable._grid_windows([(4, 6), (3, 5)], 2, 4, "cpu")
+    assert table.tolist() == [[0, 1, 2, 3, 6, 7, 8, 9], [12, 13, 14, 15, 18, 19, 20, 21],
+                              [24, 25, 26, 27, 30, 29, 32, 31]]
 
 
 def test_windows_are_local():
@@ -189,7 +195,7 @@ def test_windows_are_local():
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 @pytest.mark.parametrize("pos_mode", ["keep", "mean"])
-@pytest.mark.parametrize("window, match_once", [(8, True), (None, True), (4, False)])
+@pytest.mark.parametrize("window, match_once", [(8, True), ((2, 4), True), (None, True), (4, False)])
 def test_padded_batch_never_mixes_real_and_padding(ratio, pos_mode, window, match_once):
     model = make_model()
     x, mask = images(2), padded_mask(SIZES)
@@ -287,8 +293,9 @@ def test_bad_arguments():
         tome_kernels.patch.deformable_detr(model, pos_mode="first")
     with pytest.raises(ValueError, match="metric"):
         tome_kernels.patch.deformable_detr(model, metric="keys")
-    with pytest.raises(ValueError, match="window"):
-        tome_kernels.patch.deformable_detr(model, window=3)
+    for window in (3, (2, 3), (0, 4), True):
+        with pytest.raises(ValueError, match="window"):
+            tome_kernels.patch.deformable_detr(model, window=window)
     with pytest.raises(ValueError, match="metric_dim"):
         tome_kernels.patch.deformable_detr(model, metric_dim=5)
     tome_kernels.patch.deformable_detr(model, ratio=0.5)

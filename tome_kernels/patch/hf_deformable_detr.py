@@ -93,6 +93,25 @@ def _windows(segments, window: int, device) -> torch.Tensor:
     return starts[:, None] + torch.arange(window, device=device)
 
 
+def _grid_windows(shapes, rows: int, cols: int, device) -> torch.Tensor:
+    """``[num_windows, rows * cols]`` token positions: ``rows x cols`` tiles of every level's grid (``cols``
+    even, so a tile row holds as many even as odd positions), each tile's even positions on its even slots
+    and odd ones on its odd slots (the op's A/B split)."""
+    tables, start = [], 0
+    for height, width in shapes:
+        tiles_y, tiles_x = height // rows, width // cols
+        y = (torch.arange(tiles_y, device=device) * rows).view(-1, 1, 1, 1) + torch.arange(rows, device=device
+                                                                                            ).view(1, 1, -1, 1)
+        x = (torch.arange(tiles_x, device=device) * cols).view(1, -1, 1, 1) + torch.arange(cols, device=device
+                                                                                            ).view(1, 1, 1, -1)
+        tables.append((start + y * width + x).reshape(tiles_y * tiles_x, rows * cols))
+        start += height * width
+    table = torch.cat(tables)
+    by_parity = table.gather(1, (table % 2 * start + table).argsort(dim=1))  # evens, then odds
+    half = rows * cols // 2
+    return torch.stack([by_parity[:, :half], by_parity[:, half:]], dim=-1).flatten(1)
+
+
 def _candidates(metric, table):
     """Every A token's best B: in its window (``table``) or, with ``table=None``, over all tokens.
     Returns ``(src [B, K], dst [B, K], rest [B, nA - K])`` positions; ``rest``: A tokens with no candidate."""
@@ -130,16 +149,28 @@ def _step(metric, real, table, r: int):
     return unm.sort(dim=1).values, src[:, :r].contiguous(), dst[:, :r].contiguous()
 
 
-def match(metric, real, segments, r: int, window: int | None) -> Groups:
-    """Groups merging ``r`` of the tokens of ``metric`` [B, N, C] (``real`` [B, N] bool or None; ``segments``:
-    the feature levels' token ranges), in one bipartite step or two when r exceeds half the tokens."""
+def match(metric, real, shapes, r: int, window) -> Groups:
+    """Groups merging ``r`` of the tokens of ``metric`` [B, N, C] (``real`` [B, N] bool or None; ``shapes``:
+    the feature levels' (height, width)), in one bipartite step or two when r exceeds half the tokens.
+    ``window``: an even number of consecutive tokens, a (rows, even cols) tile of each level's grid (the first
+    step; a later one, on merged tokens, takes rows x cols consecutive ones), or None (one global match)."""
     batch, num_tokens, _ = metric.shape
+    segments, start = [], 0
+    for height, width in shapes:
+        segments.append((start, start + height * width))
+        start += height * width
     steps = []
     size = None
     rep = torch.arange(num_tokens, device=metric.device).expand(batch, -1)
     while r > 0:
         n = metric.shape[1]
-        table = None if window is None else _windows(segments, window, metric.device)
+        if window is None:
+            table = None
+        elif isinstance(window, tuple):
+            table = (_grid_windows(shapes, *window, metric.device) if not steps
+                     else _windows(segments, window[0] * window[1], metric.device))
+        else:
+            table = _windows(segments, window, metric.device)
         unm_idx, src_idx, dst_idx = _step(metric, real, table, r)
         merged = src_idx.shape[1]
         if merged == 0:
@@ -185,12 +216,8 @@ def _layer_groups(config, call, hidden, pos, mask, shapes) -> Groups:
     if builder is not None:  # benchmarks substitute other query selections
         return builder(hidden, pos, mask, shapes, r)
     real = None if mask is None or bool(mask.all()) else mask.bool()
-    segments, start = [], 0
-    for height, width in shapes:
-        segments.append((start, start + height * width))
-        start += height * width
     metric = _metric(config["metric"], hidden, pos, config["metric_dim"])
-    return match(metric, real, segments, r, config["window"])
+    return match(metric, real, shapes, r, config["window"])
 
 
 class _ToMeEncoderLayer:
@@ -229,6 +256,10 @@ class _ToMeEncoderLayer:
             clamp_value = torch.finfo(hidden_states.dtype).max - 1000
             hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
         return hidden_states
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _ratio(value) -> float:
@@ -315,10 +346,13 @@ def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep"
         raise ValueError(f"tome_kernels.patch.deformable_detr: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")
     if metric not in METRICS:
         raise ValueError(f"tome_kernels.patch.deformable_detr: metric must be one of {METRICS}, got {metric!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2
-                               or window % 2):
-        raise ValueError(f"tome_kernels.patch.deformable_detr: window must be an even int >= 2 or None, "
-                         f"got {window!r}")
+    if isinstance(window, list):
+        window = tuple(window)
+    if not (window is None or _is_count(window) and window >= 2 and window % 2 == 0
+            or isinstance(window, tuple) and len(window) == 2 and all(_is_count(n) and n >= 1 for n in window)
+            and window[1] % 2 == 0):
+        raise ValueError(f"tome_kernels.patch.deformable_detr: window must be an even int >= 2, a (rows, even "
+                         f"cols) tile or None, got {window!r}")
     if metric_dim is not None and (isinstance(metric_dim, bool) or not isinstance(metric_dim, int)
                                    or metric_dim < 1 or model.config.d_model % metric_dim):
         raise ValueError(f"tome_kernels.patch.deformable_detr: metric_dim must divide d_model "
