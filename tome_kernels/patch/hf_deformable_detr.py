@@ -16,11 +16,12 @@ layer's input, and reused. ``pos_mode="keep"`` gives a merged query the position
 points of its B destination, ``"mean"`` their size-weighted mean.
 
 Matching: the op contract's bipartite split (A = even, B = odd positions of the flattened multi-scale
-sequence) within windows of ``window`` consecutive tokens of one feature level (rows of the level's grid;
-windows start at even positions, so window-local parity is the global one and the window's match indices
-are valid token positions after adding the window's offset). ``torch.ops.tome.bipartite_match`` runs on the
-windows as batch rows with every A merging (each A's best B in its window); the candidate pairs are then
-ranked over the whole image by cosine similarity and the best r merge (``window=None``: one global match).
+sequence) within windows: ``rows x cols`` tiles of each feature level's grid (default 2 x 4; each tile's
+even positions on its even slots, so the tile-local split is the global one), or ``window`` consecutive
+tokens of one level (starting at even positions), or ``window=None`` (one global match).
+``torch.ops.tome.bipartite_match`` runs on the windows as batch rows with every A merging (each A's best B
+in its window); the candidate pairs are then ranked over the whole image by cosine similarity and the best
+r merge.
 Ratios above one half (a bipartite step merges at most half the tokens) take a second step on the merged
 tokens. The merges are ``torch.ops.tome.merge`` / ``unmerge`` with these indices.
 
@@ -326,7 +327,7 @@ def _inner_model(md, model) -> nn.Module:
 
 
 def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep", metric: str = "x+pos",
-                    window: int | None = 8, metric_dim: int | None = None, match_once: bool = True) -> nn.Module:
+                    window=(2, 4), metric_dim: int | None = None, match_once: bool = True) -> nn.Module:
     """Make ``model`` (transformers ``DeformableDetrForObjectDetection`` / ``DeformableDetrModel``) merge its
     encoder queries in place; returns ``model``.
 
@@ -334,8 +335,8 @@ def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep"
     ``pos_mode``: ``"keep"`` (a merged query takes its destination's positional embedding and reference
     points) or ``"mean"`` (size-weighted); ``metric``: what matches, ``"x+pos"`` (the layer input plus its
     positional embedding: what the sampling offsets and weights are projected from), ``"x"``, or
-    ``"random"`` (a control); ``window``: tokens per matching window (even, within a feature level's rows),
-    None = one global match; ``metric_dim``: average the metric's channels down to this many;
+    ``"random"`` (a control); ``window``: where partners are found, a ``(rows, cols)`` tile of each level's
+    grid (cols even), an even number of consecutive tokens of one level, or None (one global match); ``metric_dim``: average the metric's channels down to this many;
     ``match_once``: match in the first layer and reuse the groups (else match in every layer).
     Patching a patched model updates its settings. After each forward ``model._tome_info`` holds ``queries``
     (the merged query count of every encoder layer) and ``groups`` (the last layer's :class:`Groups`).
