@@ -133,7 +133,6 @@ def _candidates(metric, table):
 
 def _step(metric, real, table, r: int):
     """One bipartite step: ``(unm_idx, src_idx, dst_idx)`` merging the (at most) r best candidate pairs."""
-    batch, num_tokens, _ = metric.shape
     if real is not None:
         metric = _padding_metric(metric, real)
     src, dst, rest = _candidates(metric, table)
@@ -336,8 +335,9 @@ def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep"
     points) or ``"mean"`` (size-weighted); ``metric``: what matches, ``"x+pos"`` (the layer input plus its
     positional embedding: what the sampling offsets and weights are projected from), ``"x"``, or
     ``"random"`` (a control); ``window``: where partners are found, a ``(rows, cols)`` tile of each level's
-    grid (cols even), an even number of consecutive tokens of one level, or None (one global match); ``metric_dim``: average the metric's channels down to this many;
-    ``match_once``: match in the first layer and reuse the groups (else match in every layer).
+    grid (cols even), an even number of consecutive tokens of one level, or None (one global match);
+    ``metric_dim``: average the metric's channels down to this many; ``match_once``: match in the first
+    layer and reuse the groups (else match in every layer).
     Patching a patched model updates its settings. After each forward ``model._tome_info`` holds ``queries``
     (the merged query count of every encoder layer) and ``groups`` (the last layer's :class:`Groups`).
     """
