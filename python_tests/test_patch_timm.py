@@ -329,3 +329,102 @@ def test_attn_impl_auto():
         assert tome_kernels.patch.timm(model)._tome_info["attn_impl"] == "op"
     with pytest.raises(ValueError, match="attn_impl"):
         tome_kernels.patch.timm(model, attn_impl="flash")
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE ViTs (timm Eva): merged tokens carry their rotary tables
+# ----------------------------------------------------------------------------------------------------
+ROPE_MODELS = {
+    "eva02": ("eva02_tiny_patch14_224", dict(depth=3, img_size=56)),  # EvaAttention, SwiGLU, class token
+    "rope": ("vit_small_patch16_rope_224", dict(depth=3, img_size=64)),  # AttentionRope
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(depth=3, img_size=64)),  # per-layer, per-head tables
+    "rope_reg_gap": ("vit_medium_patch16_rope_reg1_gap_256", dict(depth=3, img_size=64)),  # register, avg pool
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_MODELS))
+def test_rope_r0_exact_and_merging(case):
+    name, kwargs = ROPE_MODELS[case]
+    model = make(name, dtype=torch.float32, **kwargs)
+    x = images(model).float()
+    prefix = model.num_prefix_tokens
+    with torch.no_grad():
+        expected = model(x)
+        tome_kernels.patch.timm(model, trace_source=True)
+        assert model.r == 0
+        assert torch.equal(model(x), expected)
+        outputs = {}
+        for pos_mode in ("keep", "mean"):
+            tome_kernels.patch.timm(model, trace_source=True, pos_mode=pos_mode, r=100)
+            outputs[pos_mode] = model(x)
+            assert outputs[pos_mode].shape == expected.shape and torch.isfinite(outputs[pos_mode]).all()
+            info = model._tome_info
+            source, size = info["source"], info["size"].squeeze(-1)
+            num_tokens = model.patch_embed.num_patches + prefix
+            remaining = num_tokens
+            for _ in model.blocks:
+                remaining -= (remaining - prefix) // 2
+            assert source.shape[1:] == (remaining, num_tokens)
+            eye = torch.eye(num_tokens, dtype=source.dtype)[:prefix]
+            assert torch.equal(source[:, :prefix], eye.expand(source.shape[0], -1, -1))  # prefix never merges
+            assert torch.equal(source.sum(1), torch.ones_like(source.sum(1)))
+            assert torch.equal(source.sum(-1), size)
+    assert not torch.equal(outputs["keep"], outputs["mean"])
+
+
+def rope_tome_forward(model, x, r_per_layer, pos_mode):
+    """Independent ToMe loop for a timm Eva (non-mixed rope): merged tokens take their B destination's
+    rotation tables ("keep") or the size-weighted mean ("mean"), via ``reference.merge``'s pos."""
+    from timm.layers import apply_rot_embed_cat
+
+    x, rope = model._pos_embed(model.patch_embed(x))
+    x = model.norm_pre(x)
+    batch, num_tokens, _ = x.shape
+    prefix = model.num_prefix_tokens
+    size = torch.ones(batch, num_tokens, dtype=x.dtype)
+    pos = torch.cat([rope.new_zeros(prefix, rope.shape[-1]), rope]).expand(batch, -1, -1)
+    for block, r in zip(model.blocks, r_per_layer):
+        attn, n = block.attn, x.shape[1]
+        h = block.norm1(x)
+        qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        metric = k.mean(1)
+        table = pos[:, prefix:].unsqueeze(1)
+        q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], table)], dim=2)
+        k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], table)], dim=2)
+        out, _ = reference.attention(q, k, v, size, attn.scale)
+        x = x + block.gamma_1 * attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, n, -1)))
+        unm_idx, src_idx, dst_idx = reference.match(metric, r, prefix)
+        x, pos, size = reference.merge(x, pos, size, unm_idx, src_idx, dst_idx, prefix, pos_mode == "mean")
+        x = x + block.gamma_2 * block.mlp(block.norm2(x))
+    x = model.norm(x)
+    return model.head(model.fc_norm(x[:, 0]))
+
+
+@pytest.mark.parametrize("pos_mode", ["keep", "mean"])
+def test_rope_matches_independent_tome(pos_mode):
+    model = make("vit_small_patch16_rope_224", depth=3, img_size=64, init_values=1.0)
+    x = images(model)
+    r = [5, 4, 2]
+    with torch.no_grad():
+        expected = rope_tome_forward(model, x, r, pos_mode)
+        tome_kernels.patch.timm(model, pos_mode=pos_mode, attn_impl="op", r=r)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-9)
+
+
+def test_rope_compile_fullgraph_and_refusals():
+    model = tome_kernels.patch.timm(make("vit_small_patch16_rope_mixed_224", dtype=torch.float32, depth=2,
+                                         img_size=64), trace_source=True, r=6)
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pos_mode"):
+        tome_kernels.patch.timm(model, pos_mode="first")
+    with pytest.raises(ValueError, match="pos_mode is for RoPE"):
+        tome_kernels.patch.timm(make("vit_tiny_patch16_224", depth=1, img_size=64), pos_mode="mean")
+    with pytest.raises(TypeError, match="EvaBlockPostNorm"):
+        tome_kernels.patch.timm(timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, img_size=56,
+                                                  use_post_norm=True))

@@ -5,10 +5,14 @@ only the methods ToMe changes) and an apply function, and registers itself once:
 
     from . import _toolkit as tk
 
+    FAMILY = "my_family"
+    KNOWN_CODE = {"Block.forward": {"0cd0a1e21c7255f9"}}  # fingerprints of the library methods rendered here
+
     class _ToMeBlock:                                   # put in front of the library's Block, per instance
         def forward(self, x):
             call = tk.current_call()                    # this forward's state (None: block run on its own)
-            ...                                         # read call.config, update call.size / call.source
+            ...                                         # attention with call.size, then:
+            x, _ = tk.merge_tokens(call, x, metric, call.r[self._tome_layer], protected=1)
 
     class _ToMeModel:
         r = tk.r_property(lambda model: len(model.blocks))   # int, (r, inflection) or per-layer list
@@ -16,16 +20,28 @@ only the methods ToMe changes) and an apply function, and registers itself once:
         def forward(self, *args, **kwargs):
             return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
 
-    @tk.register_family("my_family", ("library.module.ModelClass",), "library ModelClass (model names)")
-    def apply_patch(model, r=0, *, prop_attn=True, attn_impl="auto"):
-        tk.check_forward(model.blocks[0], Block, "forward", FAMILY, KNOWN_FORWARDS)  # refuse unknown code
+        def _tome_start(self) -> tk.Call:               # a fresh state per forward
+            return tk.Call(self._tome_info, r=tk.parse_r(self.r, len(self.blocks)), size=None, source=None)
+
+        def _tome_finish(self, call: tk.Call) -> None:  # what users read after a forward
+            self._tome_info.update(r=call.r, size=call.size, source=call.source)
+
+    @tk.register_family(FAMILY, ("library.module.ModelClass",), "library ModelClass (model names)")
+    def my_family(model, r=0, *, prop_attn=True, attn_impl="auto"):
+        for index, block in enumerate(model.blocks):    # refuse overridden or changed library code
+            tk.check_forward(block, Block, "forward", FAMILY, KNOWN_CODE, where=f"block {index}")
         tk.swap_class(model, _ToMeModel)
         for layer, block in enumerate(model.blocks):
             tk.swap_class(block, _ToMeBlock)
             block._tome_layer = layer
-        model._tome_info = {...configuration...}
+        model._tome_info = {"prop_attn": prop_attn, "trace_source": False,
+                            "attn_impl": tk.resolve_attn_impl(attn_impl, model)}
         model.r = r
         return model
+
+and imports the file in ``tome_kernels/patch/__init__.py`` (``from .my_family import my_family``). Then
+``tome_kernels.patch.apply_patch(model, r=8)`` patches such a model and ``tome_kernels.patch.unpatch(model)``
+reverts it.
 
 What the toolkit gives:
 
@@ -51,6 +67,8 @@ What the toolkit gives:
   finished last.
 * **Attention** (:func:`resolve_attn_impl`, :func:`attention`): proportional attention through
   ``torch.ops.tome.prop_attention`` or SDPA with a ``log size`` float bias, whichever serves the device best.
+* **Merging** (:func:`merge_tokens`: one ToMe step updating the call's sizes and source map;
+  :func:`source_or_identity`, :func:`weighted_mean` for size-weighted pooling).
 * **Merge schedules** (:func:`parse_r`, :func:`r_property`, :func:`merge_count`).
 * **Registry** (:func:`register_family`, :func:`apply_patch`, :func:`families`): ``apply_patch(model)``
   finds the family by the class names in ``type(model).__mro__`` (no library is imported to look).
@@ -80,7 +98,8 @@ import tome_kernels
 
 __all__ = [
     "ATTN_IMPLS", "Call", "Family", "add_hook", "apply_patch", "attention", "check_forward", "class_path",
-    "current_call", "families", "fingerprint", "merge_count", "original_class", "parse_r", "patched_class",
+    "current_call", "families", "find_family", "fingerprint", "merge_count", "merge_tokens", "original_class",
+    "parse_r", "patched_class", "source_or_identity", "weighted_mean",
     "r_property", "register_family", "resolve_attn_impl", "run_call", "swap_class", "unpatch",
 ]
 
@@ -235,8 +254,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 # Per-call state
 # ----------------------------------------------------------------------------------------------------
 class Call:
-    """The state of one forward of one patched model: ``config`` (the model's ``_tome_info`` at the start)
-    plus whatever fields the family sets (sizes, sources, per-layer merge counts, ...)."""
+    """The state of one forward of one patched model: ``config`` (the model's ``_tome_info`` at the start),
+    ``mixin`` (the mixin of the module whose forward made it, set by :func:`run_call`) plus whatever fields the
+    family sets (sizes, sources, per-layer merge counts, ...)."""
 
     def __init__(self, config: dict, **fields):
         self.config = config
@@ -254,8 +274,9 @@ def current_call() -> Call | None:
 def run_call(model: nn.Module, start: Callable[[], Call], forward: Callable, args, kwargs,
              finish: Callable[[Call], None] | None = None):
     """``forward(*args, **kwargs)`` with a fresh ``start()`` :class:`Call` current in this thread; then
-    ``finish(call)`` (e.g. publish results to ``model._tome_info``). A forward of a module with the same
-    mixin inside the running one (e.g. DETR's detection model calling its patched inner model) joins it."""
+    ``finish(call)`` (e.g. publish results to ``model._tome_info``; skipped while ``torch.export`` traces).
+    A forward of a module with the same mixin inside the running one (e.g. DETR's detection model calling
+    its patched inner model) joins it."""
     mixin = type(model).__mro__[1]
     outer = current_call()
     if outer is not None and outer.mixin is mixin:
@@ -267,9 +288,45 @@ def run_call(model: nn.Module, start: Callable[[], Call], forward: Callable, arg
         out = forward(*args, **kwargs)
     finally:
         _LOCAL.call = outer
-    if finish is not None:
+    if finish is not None and not torch.compiler.is_exporting():  # an export trace's tensors are not results
         finish(call)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Merging
+# ----------------------------------------------------------------------------------------------------
+def merge_tokens(call: Call, x: torch.Tensor, metric: torch.Tensor, r: int, protected: int,
+                 pos: torch.Tensor | None = None, pos_mode: str = "keep"):
+    """One ToMe step on a ViT-like sequence: merge ``r`` tokens of ``x`` [B, N, C] (and of ``pos`` [B, N, P],
+    positions that follow their tokens) by ``metric``, the first ``protected`` tokens never merging.
+
+    Updates ``call.size`` ([B, N, 1], None = all ones) and, when ``call.config["trace_source"]``,
+    ``call.source`` ([B, N, N0], None = the identity). Returns ``(x, pos)`` (pos None when given None).
+    """
+    x, pos_out, call.size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
+        x, pos, call.size, r, metric=metric, protected=protected, pos_mode=pos_mode)
+    if call.config["trace_source"]:
+        call.source = torch.ops.tome.merge_source(source_or_identity(call.source, metric), unm_idx, src_idx,
+                                                  dst_idx, protected)
+    return x, (None if pos is None else pos_out)
+
+
+def source_or_identity(source: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """``source``, or the identity map ``[B, N, N]`` for the ``[B, N, ...]`` tokens when nothing merged yet."""
+    if source is not None:
+        return source
+    batch, num_tokens = tokens.shape[:2]
+    eye = torch.eye(num_tokens, dtype=tokens.dtype, device=tokens.device)
+    return eye.expand(batch, num_tokens, num_tokens)
+
+
+def weighted_mean(tokens: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens [B, N, C] weighted by their sizes [B, N, 1] (the mean of the original tokens)."""
+    if size is None:
+        return tokens.mean(dim=1)
+    size = size.to(tokens.dtype)
+    return (tokens * size).sum(dim=1) / size.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------

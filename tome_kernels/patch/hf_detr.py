@@ -3,8 +3,11 @@
 ``tome_kernels.patch.detr(model, er=0, mr=0, dr=0, prop_attn=True, pos_mode="keep")`` patches one model in
 place; ``model.er`` / ``model.mr`` / ``model.dr`` can be changed between calls. Nothing in transformers is
 modified: the classes of this model, its DetrModel and its encoder / decoder layers are swapped for ToMe
-subclasses (created once per original class), and a forward pre-hook on the instance's encoder and decoder
-picks up the flattened pixel mask and positional embeddings that ``DetrModel.forward`` computes.
+subclasses (``_toolkit.swap_class``), and a forward pre-hook on the instance's encoder and decoder picks up
+the flattened pixel mask and positional embeddings that ``DetrModel.forward`` computes. The state of one
+forward (tokens, sizes, merges made) is a per-call object made by the outermost patched forward
+(``_toolkit.run_call``), so threads can share one patched model; an encoder or decoder run on its own runs
+transformers' code. ``tome_kernels.patch.unpatch(model)`` reverts the patch.
 
 Where tokens merge (all with ``torch.ops.tome.bipartite_merge``, protected = 0)::
 
@@ -36,11 +39,11 @@ query (``model._tome_info["query_size"]`` counts the original queries in each, `
 with ``trace_source``). DETR is a set predictor without NMS: unmerging would copy a merged query's box and
 score to all of its members, i.e. emit exact duplicate detections, so we return the merged set instead.
 
-After each forward, ``model._tome_info`` holds ``encoder_r`` / ``memory_r`` / ``decoder_r`` (merges made;
-r is clamped to half the tokens and, for padded batches, as above), ``memory_size``, ``memory_mask``
-([B, Nm] bool, None without padding), ``query_size``, and with ``trace_source`` ``source`` ([B, Nm, N0]: the
-flattened feature-map tokens each memory token holds), ``query_source`` ([B, Nq', num_queries]) and
-``token_mask`` ([B, N0] bool, real tokens; None without padding).
+After each forward (with threads: the one that finished last), ``model._tome_info`` holds ``encoder_r`` /
+``memory_r`` / ``decoder_r`` (merges made; r is clamped to half the tokens and, for padded batches, as above),
+``memory_size``, ``memory_mask`` ([B, Nm] bool, None without padding), ``query_size``, and with
+``trace_source`` ``source`` ([B, Nm, N0]: the flattened feature-map tokens each memory token holds),
+``query_source`` ([B, Nq', num_queries]) and ``token_mask`` ([B, N0] bool, real tokens; None without padding).
 
 Attention in the patched layers runs as ``torch.ops.tome.prop_attention`` or, with ``attn_impl="sdpa"``
 (the ``"auto"`` choice where no compiled tome backend serves the device), as PyTorch's SDPA with the same
@@ -62,13 +65,19 @@ from torch import nn
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 
 from . import _toolkit as tk
-from ._toolkit import merge_count, resolve_attn_impl
+from ._toolkit import merge_count
 
 __all__ = ["detr"]
 
 # Real tokens' constant metric channel: real-real similarity >= (a^2 - 1) / (a^2 + 1) = 0.6 > 0 = pad-real.
 _REAL_CHANNEL = 2.0
 _SUPPORTED_MAJOR = 5
+FAMILY = "detr"
+# The transformers methods this file renders itself (transformers 5.23; see tk.check_forward).
+KNOWN_CODE = {
+    "DetrEncoderLayer.forward": {"71552d2c69311edb"},
+    "DetrDecoderLayer.forward": {"ceed5f131936c3f4"},
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,14 +114,6 @@ class _Tokens:
             real = self.real.unsqueeze(-1).to(self.pos.dtype)
             size = real if size is None else size * real
         return size
-
-
-class _Call:
-    """The state of one forward: encoder tokens, memory, queries and the merges made."""
-
-    def __init__(self):
-        self.enc = self.mem = self.dec = None
-        self.encoder_r, self.decoder_r, self.memory_r = [], [], 0
 
 
 def _pad_safe_r(real: torch.Tensor, r: int) -> int:
@@ -167,14 +168,8 @@ def _attention(attn: nn.Module, hidden: torch.Tensor, query_pos, memory: torch.T
     k = attn.k_proj(key_in).view(batch, num_k, -1, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(memory).view(batch, num_k, -1, attn.head_dim).transpose(1, 2)
     dropout = attn.attention_dropout if attn.training else 0.0
-    if attn_impl == "op" and dropout == 0.0:
-        out = torch.ops.tome.prop_attention(q, k, v, size, float(attn.scaling))
-    else:
-        # The same logits through PyTorch's fused SDPA with a float bias (log 0 = -inf masks padding keys;
-        # every row keeps a real key); also the path for attention dropout, which prop_attention lacks.
-        bias = None if size is None else size.to(q.dtype).log().reshape(batch, 1, 1, num_k)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
-                                                         scale=float(attn.scaling))
+    # size 0 (log 0 = -inf) masks padding keys; every row keeps a real key.
+    out = tk.attention(q, k, v, size, float(attn.scaling), attn_impl, dropout)
     out = out.transpose(1, 2).reshape(batch, num_q, -1)
     return attn.o_proj(out), k
 
@@ -190,7 +185,7 @@ def _decoder_active(info) -> bool:
     return info["er"] > 0 or info["mr"] > 0 or info["dr"] > 0 or info["_force"]
 
 
-def _check_forward(module, info, kwargs) -> None:
+def _check_call_options(module, info, kwargs) -> None:
     if not _decoder_active(info):
         return
     config = module.config
@@ -223,12 +218,6 @@ def _bind(module: nn.Module, args, kwargs) -> dict:
     return arguments
 
 
-def _current_call(info) -> _Call:
-    if info.get("_call") is None:  # encoder / decoder called on their own
-        info["_call"] = _Call()
-    return info["_call"]
-
-
 def _initial_tokens(x: torch.Tensor, mask, pos, trace: bool) -> _Tokens:
     batch, num_tokens = x.shape[:2]
     if pos is not None and pos.shape[:2] != (batch, num_tokens):
@@ -244,16 +233,22 @@ def _initial_tokens(x: torch.Tensor, mask, pos, trace: bool) -> _Tokens:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hooks on the encoder / decoder instances (they look the state up on the module, never in a closure,
-# so a deepcopy of the model uses its own state; without _tome_info they do nothing)
+# Hooks on the encoder / decoder instances. They act inside a patched model's forward only (its Call);
+# an encoder or decoder run on its own runs transformers' code.
 # ----------------------------------------------------------------------------------------------------
+def _detr_call():
+    """The Call of the DETR forward running in this thread, or None."""
+    call = tk.current_call()
+    return call if call is not None and call.mixin is _ToMeDetr else None
+
+
 def _encoder_pre_hook(module, args, kwargs):
-    info = getattr(module, "_tome_info", None)
-    if info is None or not _encoder_active(info):
+    call = _detr_call()
+    if call is None or not _encoder_active(call.config):
         return None
+    info = call.config
     arguments = _bind(module, args, kwargs)
     x = arguments.get("inputs_embeds")
-    call = _current_call(info)
     call.enc = _initial_tokens(x, arguments.get("attention_mask"), arguments.get("spatial_position_embeddings"),
                                info["trace_source"])
     call.encoder_r = []
@@ -261,21 +256,20 @@ def _encoder_pre_hook(module, args, kwargs):
 
 
 def _encoder_hook(module, args, kwargs, output):
-    info = getattr(module, "_tome_info", None)
-    call = None if info is None else info.get("_call")
-    if call is not None and call.enc is not None and _encoder_active(info):
+    call = _detr_call()
+    if call is not None and call.enc is not None and _encoder_active(call.config):
         call.enc.output = output[0]
     return None
 
 
 def _decoder_pre_hook(module, args, kwargs):
-    info = getattr(module, "_tome_info", None)
-    if info is None or not _decoder_active(info):
+    call = _detr_call()
+    if call is None or not _decoder_active(call.config):
         return None
+    info = call.config
     arguments = _bind(module, args, kwargs)
     memory = arguments.get("encoder_hidden_states")
     queries = arguments.get("inputs_embeds")
-    call = _current_call(info)
     if memory is not None:
         tokens = call.enc if (call.enc is not None and call.enc.output is memory) else None
         if tokens is None:  # memory from elsewhere (e.g. encoder_outputs=...): must still be full length
@@ -301,11 +295,10 @@ def _decoder_pre_hook(module, args, kwargs):
 # ----------------------------------------------------------------------------------------------------
 class _ToMeEncoderLayer:
     def forward(self, hidden_states, attention_mask=None, spatial_position_embeddings=None, **kwargs):
-        info = self._tome_info
-        call = info.get("_call")
-        if not _encoder_active(info) or call is None or call.enc is None:
+        call = _detr_call()
+        if call is None or not _encoder_active(call.config) or call.enc is None:
             return super().forward(hidden_states, attention_mask, spatial_position_embeddings, **kwargs)
-        tokens = call.enc
+        info, tokens = call.config, call.enc
         if tokens.pos is not None and tokens.pos.shape[1] != hidden_states.shape[1]:
             raise RuntimeError(f"tome_kernels.patch.detr: encoder layer got {hidden_states.shape[1]} tokens, "
                                f"the merge state has {tokens.pos.shape[1]}")
@@ -331,13 +324,13 @@ class _ToMeDecoderLayer:
     def forward(self, hidden_states, attention_mask=None, spatial_position_embeddings=None,
                 object_queries_position_embeddings=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 **kwargs):
-        info = self._tome_info
-        call = info.get("_call")
-        if not _decoder_active(info) or call is None or call.dec is None:
+        call = _detr_call()
+        if call is None or not _decoder_active(call.config) or call.dec is None:
             return super().forward(hidden_states, attention_mask, spatial_position_embeddings,
                                    object_queries_position_embeddings, encoder_hidden_states,
                                    encoder_attention_mask=encoder_attention_mask, **kwargs)
-        queries, prop_attn = call.dec, info["prop_attn"]
+        info, queries = call.config, call.dec
+        prop_attn = info["prop_attn"]
         query_pos = queries.pos_embed
         residual = hidden_states
         hidden_states, _ = _attention(self.self_attn, hidden_states, query_pos, hidden_states, query_pos,
@@ -380,31 +373,24 @@ class _ToMeDetr:
     dr = _merge_count_property("dr")
 
     def forward(self, *args, **kwargs):
-        info = self._tome_info
-        if info["_depth"] == 0:
-            _check_forward(self, info, kwargs)
-            info["_call"] = _Call()
-        info["_depth"] += 1
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            info["_depth"] -= 1
-            if info["_depth"] == 0:
-                _finish(info)
+        return tk.run_call(self, functools.partial(_start, self, kwargs), super().forward, args, kwargs, _finish)
 
 
-def _finish(info) -> None:
-    call, info["_call"] = info.get("_call"), None
-    if call is None:
-        return
+def _start(model: nn.Module, kwargs: dict) -> tk.Call:
+    info = dict(model._tome_info)  # this forward's settings, whatever another thread sets meanwhile
+    _check_call_options(model, info, kwargs)
+    return tk.Call(info, enc=None, mem=None, dec=None, encoder_r=[], decoder_r=[], memory_r=0,
+                   published=model._tome_info)
+
+
+def _finish(call: tk.Call) -> None:
     memory, queries = call.mem, call.dec
-    info.update(encoder_r=list(call.encoder_r), memory_r=call.memory_r, decoder_r=list(call.decoder_r),
-                memory_size=None if memory is None else memory.size,
-                memory_mask=None if memory is None else memory.real,
-                query_size=None if queries is None else queries.size,
-                source=None if memory is None else memory.source,
-                query_source=None if queries is None else queries.source,
-                token_mask=None if memory is None else memory.initial_real)
+    call.published.update(
+        encoder_r=list(call.encoder_r), memory_r=call.memory_r, decoder_r=list(call.decoder_r),
+        memory_size=None if memory is None else memory.size, memory_mask=None if memory is None else memory.real,
+        query_size=None if queries is None else queries.size, source=None if memory is None else memory.source,
+        query_source=None if queries is None else queries.source,
+        token_mask=None if memory is None else memory.initial_real)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,11 +410,6 @@ def _modeling_detr():
     return modeling_detr
 
 
-def _class_name(obj) -> str:
-    cls = getattr(type(obj), "_tome_original_class", type(obj))
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _check_supported(md, model) -> nn.Module:
     """Return the DetrModel inside ``model`` or raise a clear TypeError."""
     if isinstance(model, md.DetrForObjectDetection):
@@ -440,16 +421,13 @@ def _check_supported(md, model) -> nn.Module:
                         "encoder memory as a full feature map); patch DetrForObjectDetection or DetrModel")
     else:
         raise TypeError(f"tome_kernels.patch.detr supports transformers DetrForObjectDetection and DetrModel, got "
-                        f"{_class_name(model)}")
-    # Subclasses that keep the forwards are fine; another forward would be silently replaced.
-    checks = [(detr_model.encoder, md.DetrEncoder), (detr_model.decoder, md.DetrDecoder)]
-    checks += [(layer, md.DetrEncoderLayer) for layer in detr_model.encoder.layers]
-    checks += [(layer, md.DetrDecoderLayer) for layer in detr_model.decoder.layers]
-    for module, expected in checks:
-        cls = getattr(type(module), "_tome_original_class", type(module))
-        if not isinstance(module, expected) or cls.forward is not expected.forward:
-            raise TypeError(f"tome_kernels.patch.detr: {_class_name(module)} is not {expected.__name__} (or a "
-                            f"subclass keeping its forward); this transformers version is not supported")
+                        f"{tk.class_path(tk.original_class(model))}")
+    tk.check_forward(detr_model.encoder, md.DetrEncoder, (), FAMILY, KNOWN_CODE)  # hooked, not replaced
+    tk.check_forward(detr_model.decoder, md.DetrDecoder, (), FAMILY, KNOWN_CODE)
+    for index, layer in enumerate(detr_model.encoder.layers):
+        tk.check_forward(layer, md.DetrEncoderLayer, "forward", FAMILY, KNOWN_CODE, where=f"encoder layer {index}")
+    for index, layer in enumerate(detr_model.decoder.layers):
+        tk.check_forward(layer, md.DetrDecoderLayer, "forward", FAMILY, KNOWN_CODE, where=f"decoder layer {index}")
     return detr_model
 
 
@@ -457,8 +435,8 @@ def _check_supported(md, model) -> nn.Module:
                              "transformers.models.detr.modeling_detr.DetrModel",
                              "transformers.models.detr.modeling_detr.DetrForSegmentation"),
                     "transformers DetrForObjectDetection, DetrModel (er / mr / dr instead of r)")
-def detr(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: bool = True,
-                pos_mode: str = "keep", trace_source: bool = False, attn_impl: str = "auto") -> nn.Module:
+def detr(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: bool = True, pos_mode: str = "keep",
+         trace_source: bool = False, attn_impl: str = "auto", *, r: int = 0) -> nn.Module:
     """Make ``model`` (transformers ``DetrForObjectDetection`` or ``DetrModel``) a ToMe model in place.
 
     ``er``: encoder tokens merged per encoder layer; ``mr``: memory tokens merged once before the decoder;
@@ -469,8 +447,12 @@ def detr(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: boo
     (``F.scaled_dot_product_attention`` with a ``log size`` float bias: the same function) or ``"auto"``
     (``"op"`` where a compiled tome backend serves the model's device, else ``"sdpa"``); decided here.
     Attention dropout in training always takes the SDPA path. Patching a patched model updates its settings.
+    ``r`` is there for :func:`tome_kernels.patch.apply_patch`: DETR has no single r, only 0 is accepted.
     Returns ``model``.
     """
+    if merge_count(r, "r") != 0:
+        raise ValueError("tome_kernels.patch.detr: DETR merges er (encoder), mr (memory) and dr (decoder) "
+                         f"tokens, not one r; got r={r}")
     md = _modeling_detr()
     detr_model = _check_supported(md, model)
     if pos_mode not in ("keep", "mean"):
@@ -478,25 +460,22 @@ def detr(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: boo
     counts = {name: merge_count(value, name) for name, value in (("er", er), ("mr", mr), ("dr", dr))}
     info = getattr(model, "_tome_info", None)
     if info is None:
-        info = {"_call": None, "_depth": 0, "_force": False}
+        info = {"_force": False}
     info.update(counts, prop_attn=bool(prop_attn), pos_mode=pos_mode, trace_source=bool(trace_source),
-                attn_impl=resolve_attn_impl(attn_impl, model))
+                attn_impl=tk.resolve_attn_impl(attn_impl, model))
 
     for top in {id(model): model, id(detr_model): detr_model}.values():
         tk.swap_class(top, _ToMeDetr)
         top._tome_info = info
     for layer in detr_model.encoder.layers:
         tk.swap_class(layer, _ToMeEncoderLayer)
-        layer._tome_info = info
     for layer in detr_model.decoder.layers:
         tk.swap_class(layer, _ToMeDecoderLayer)
-        layer._tome_info = info
     encoder, decoder = detr_model.encoder, detr_model.decoder
     # Registered once per instance; no handles kept (a deepcopy would share them with the original).
     tk.add_hook(encoder, _encoder_pre_hook, "forward_pre")
     tk.add_hook(encoder, _encoder_hook, "forward")
     tk.add_hook(decoder, _decoder_pre_hook, "forward_pre")
-    encoder._tome_info = decoder._tome_info = info
     return model
 
 

@@ -1,8 +1,9 @@
 """ToMe for timm Vision Transformers (timm 1.0.x), patched per instance.
 
-``apply_patch(model)`` swaps the class of ``model``, of each of its ``Block`` s and of each block's
-``Attention`` for a ToMe subclass (created once per original class); ``unpatch(model)`` swaps them back.
-Nothing in timm is modified, so unpatched models in the same process are unaffected.
+``tome_kernels.patch.timm(model)`` swaps the class of ``model``, of each of its ``Block`` s and of each
+block's ``Attention`` for a ToMe subclass (``_toolkit.swap_class``); ``tome_kernels.patch.unpatch(model)``
+swaps them back. Nothing in timm is modified, so unpatched models in the same process are unaffected.
+RoPE models (``Eva``) are patched by ``timm_eva`` through the same call.
 
 Each patched block (pre-norm, as timm's ``Block``)::
 
@@ -11,13 +12,13 @@ Each patched block (pre-norm, as timm's ``Block``)::
     x, size = bipartite_merge(x, size, r_layer, metric, protected=num_prefix_tokens)
     x = x + drop_path2(ls2(mlp(norm2(x))))
 
-Attention is proportional, ``softmax(q kᵀ · scale + log size) v`` (``torch.ops.tome.prop_attention``, or
-SDPA with a log-size bias: ``attn_impl``), once tokens have merged and ``prop_attn`` is set; before the
-first merge (all sizes 1), or without ``prop_attn``, it is timm's own path (``F.scaled_dot_product_attention``
-when ``fused_attn``), so r = 0 reproduces the unpatched model. Prefix tokens (class, distillation, registers: ``num_prefix_tokens``)
-never merge. Pooling: ``avg`` / ``avgmax`` weight each token by its size (prefix tokens excluded unless
-``pool_include_prefix``, as timm); ``map`` attention pooling adds ``log size`` to its logits when
-``prop_attn``; ``token`` / ``max`` / distilled heads read tokens that merging leaves in place.
+Attention is proportional, ``softmax(q kᵀ · scale + log size) v`` (``torch.ops.tome.prop_attention``, or SDPA
+with a log-size bias: ``attn_impl``), once tokens have merged and ``prop_attn`` is set; before the first merge
+(all sizes 1), or without ``prop_attn``, it is timm's own path (``F.scaled_dot_product_attention`` when
+``fused_attn``), so r = 0 reproduces the unpatched model. Prefix tokens (class, distillation, registers:
+``num_prefix_tokens``) never merge. Pooling: ``avg`` / ``avgmax`` weight each token by its size (prefix tokens
+excluded unless ``pool_include_prefix``, as timm); ``map`` attention pooling adds ``log size`` to its logits
+when ``prop_attn``; ``token`` / ``max`` / distilled heads read tokens that merging leaves in place.
 
 The state of one forward (per-layer r, sizes, source) is a per-call object (see ``_toolkit``), so threads can
 share one patched model, and ``torch.compile`` / ``torch.export`` trace it. ``model._tome_info`` holds the
@@ -100,12 +101,7 @@ class _ToMeBlock:
 
         r = call.r[self._tome_layer]
         if r > 0:
-            protected = config["num_prefix_tokens"]
-            x, _, call.size, unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_merge(
-                x, None, call.size, r, metric=metric, protected=protected)
-            if config["trace_source"]:
-                call.source = torch.ops.tome.merge_source(
-                    _source_or_identity(call.source, metric), unm_idx, src_idx, dst_idx, protected)
+            x, _ = tk.merge_tokens(call, x, metric, r, config["num_prefix_tokens"])
 
         return x + self._tome_mlp(x)
 
@@ -113,17 +109,9 @@ class _ToMeBlock:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _source_or_identity(source: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """``source``, or the identity map ``[B, N, N]`` for the ``[B, N, ...]`` tokens when nothing merged yet."""
-    if source is not None:
-        return source
-    batch, num_tokens = tokens.shape[:2]
-    eye = torch.eye(num_tokens, dtype=tokens.dtype, device=tokens.device)
-    return eye.expand(batch, num_tokens, num_tokens)
-
-
 class _ToMeVisionTransformer:
-    """timm ``VisionTransformer`` (or subclass) with ``model.r`` and size-aware pooling."""
+    """timm ``VisionTransformer`` (or subclass) with ``model.r`` and size-aware pooling (also the base of the
+    ``Eva`` mixin)."""
 
     r = tk.r_property(lambda model: len(model.blocks))
 
@@ -148,7 +136,7 @@ class _ToMeVisionTransformer:
         x = super().forward_features(*args, **kwargs)
         call = tk.current_call()
         if call.config["trace_source"] and call.source is None:
-            call.source = _source_or_identity(None, x)
+            call.source = tk.source_or_identity(None, x)
         return x
 
     def forward_intermediates(self, *args, **kwargs):
@@ -169,7 +157,7 @@ class _ToMeVisionTransformer:
         if size.shape[:2] != x.shape[:2]:
             raise ValueError(f"tome: pool() got {tuple(x.shape[:2])} tokens but the last forward_features left "
                              f"sizes for {tuple(size.shape[:2])}; pool the output of forward_features")
-        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        start = self._tome_pool_start()
         tokens, size = x[:, start:], size[:, start:].to(x.dtype)
         if self.attn_pool is not None:
             from timm.layers import AttentionPoolLatent
@@ -181,9 +169,13 @@ class _ToMeVisionTransformer:
             return self.attn_pool(tokens, attn_mask=bias)
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type in ("avg", "avgmax"):
-            mean = (tokens * size).sum(dim=1) / size.sum(dim=1)
+            mean = tk.weighted_mean(tokens, size)
             return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
         return super().pool(x, pool_type)  # 'token', 'max', '': sizes do not enter
+
+    def _tome_pool_start(self) -> int:
+        """First token pooled (timm pools prefix tokens only with ``pool_include_prefix``)."""
+        return 0 if self.pool_include_prefix else self.num_prefix_tokens
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -197,39 +189,65 @@ def _check_supported(model: nn.Module) -> None:
                          where=f"block {index}'s attention")
 
 
-@tk.register_family(FAMILY, ("timm.models.vision_transformer.VisionTransformer",),
-                    "timm VisionTransformer (vit_*, deit_*, deit3_*, *_reg*)")
-def timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True, *, r=None,
-         attn_impl: str = "auto") -> nn.Module:
-    """Make ``model`` (a timm ``VisionTransformer``) a ToMe model in place and return it.
+def _is_eva(model: nn.Module) -> bool:
+    return any(f"{cls.__module__}.{cls.__qualname__}" == "timm.models.eva.Eva" for cls in type(model).__mro__)
 
-    ``r``: merges per layer (see :func:`tome_kernels.patch.parse_r`; also ``model.r = ...`` later); None keeps the current
-    value of a patched model, else 0. ``trace_source``: keep ``model._tome_info["source"]`` ([B, N, N0], which
-    input tokens each output token holds; for visualisation). ``prop_attn``: proportional attention (the
-    paper's default for off-the-shelf models; turn off for models trained with ToMe without it).
+
+@tk.register_family(FAMILY, ("timm.models.vision_transformer.VisionTransformer", "timm.models.eva.Eva"),
+                    "timm VisionTransformer (vit_*, deit_*, deit3_*, *_reg*) and Eva (eva02_*, vit_*_rope_*)")
+def timm(model: nn.Module, trace_source: bool = False, prop_attn: bool = True, *, r=None,
+         attn_impl: str = "auto", pos_mode: str = "keep") -> nn.Module:
+    """Make ``model`` (a timm ``VisionTransformer`` or ``Eva``) a ToMe model in place and return it.
+
+    ``r``: merges per layer (see :func:`tome_kernels.patch.parse_r`; also ``model.r = ...`` later); None keeps
+    the current value of a patched model, else 0. ``trace_source``: keep ``model._tome_info["source"]`` ([B, N,
+    N0], which input tokens each output token holds; for visualisation). ``prop_attn``: proportional attention
+    (the paper's default for off-the-shelf models; turn off for models trained with ToMe without it).
     ``attn_impl``: how proportional attention runs: ``"op"`` (``torch.ops.tome.prop_attention``), ``"sdpa"``
     (``F.scaled_dot_product_attention`` with a ``log size`` float mask: same function) or ``"auto"``
     (``"sdpa"`` on CPU, where it is the faster one; on a GPU ``"op"`` when a compiled tome backend serves it;
-    ``"op"`` whenever a backend was chosen by hand; decided now, for the device the model is on). Patching a
-    patched model updates the flags.
+    ``"op"`` whenever a backend was chosen by hand; decided now, for the device the model is on). ``pos_mode``
+    (RoPE models only): the rotary position of a merged token, ``"keep"`` its B destination's, ``"mean"`` the
+    size-weighted mean of the rotation tables (see ``timm_eva``). Patching a patched model updates the flags.
     """
+    if _is_eva(model):
+        from .timm_eva import patch_eva
+
+        return patch_eva(model, trace_source, prop_attn, r=r, attn_impl=attn_impl, pos_mode=pos_mode)
+    if pos_mode != "keep":
+        raise ValueError("tome_kernels.patch.timm: pos_mode is for RoPE models (Eva); this model has none")
     _check_supported(model)
-    info = {
+    from timm.layers import Attention
+
+    return install(model, _ToMeVisionTransformer, _ToMeBlock, {Attention: _ToMeAttention}, r,
+                   config(model, trace_source, prop_attn, attn_impl))
+
+
+def config(model: nn.Module, trace_source: bool, prop_attn: bool, attn_impl: str, **extra) -> dict:
+    """The ``_tome_info`` of a freshly patched timm model."""
+    return {
         "r": [], "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn),
         "attn_impl": tk.resolve_attn_impl(attn_impl, model),
         "class_token": getattr(model, "cls_token", None) is not None,
         "distill_token": getattr(model, "dist_token", None) is not None,
         "num_prefix_tokens": int(model.num_prefix_tokens),
+        **extra,
     }
+
+
+def install(model: nn.Module, model_mixin: type, block_mixin: type, attn_mixins: dict[type, type], r,
+            info: dict) -> nn.Module:
+    """Swap the classes of ``model``, its blocks and their attention (``attn_mixins``: library attention class
+    -> mixin, checked already); ``r`` None keeps a patched model's value."""
     if r is None:
         r = model.r if getattr(model, "_tome_info", None) is not None else 0
     model.__dict__.pop("r", None)
-    tk.swap_class(model, _ToMeVisionTransformer)
+    tk.swap_class(model, model_mixin)
     model._tome_info = info
     model.r = r
     for layer, block in enumerate(model.blocks):
-        tk.swap_class(block, _ToMeBlock)
-        tk.swap_class(block.attn, _ToMeAttention)
+        tk.swap_class(block, block_mixin)
+        tk.swap_class(block.attn, next(mixin for cls, mixin in attn_mixins.items() if isinstance(block.attn, cls)))
         block._tome_layer = layer
     return model
