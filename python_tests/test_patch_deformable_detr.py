@@ -341,3 +341,13 @@ def test_bench_deformable_smoke(tmp_path):
     assert rows["tome 0.5"]["flop_ceiling"] > 1.0 and "share_of_stand_in" in rows["tome 0.5"]
     bench_detr.plot_deformable(result, str(tmp_path / "speed.png"))
     assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def test_deviation_smoke():
+    pytest.importorskip("skimage")
+    from tome_kernels import bench_detr
+
+    errors = bench_detr.deviation("deformable-detr-tiny", ratios=(0.5,), images=("coffee",), height=96, width=128)
+    assert set(errors) == {("default", 0.5), ("random", 0.5)}
+    for values in errors.values():
+        assert len(values) == 1 and all(0 < value < 10 for value in values[0])

@@ -411,6 +411,58 @@ def plot_deformable(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def photo(name: str, height: int = 800, width: int = 1066) -> torch.Tensor:
+    """A scikit-image sample photo (``skimage.data.<name>``), resized and ImageNet-normalised: [1, 3, H, W]."""
+    import skimage.data
+
+    image = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1).float()[None] / 255
+    image = nn.functional.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (image - mean) / std
+
+
+def deviation(model: str | nn.Module = "deformable-detr", choices: dict | None = None, ratios=(0.5, 0.75),
+              images=("astronaut", "coffee", "chelsea", "rocket"), height: int = 800, width: int = 1066,
+              seed: int = 0) -> dict:
+    """Relative L2 error against the unpatched model (ratio 0) of the logits, the boxes (over their spread
+    around their mean) and the encoder output, per matching choice (``{label: deformable_detr options}``),
+    ratio and photo; the backbone output is computed once per photo. Returns ``{(label, ratio): [per photo
+    (logits, boxes, encoder)]}``."""
+    import tome_kernels.patch.hf_deformable_detr as deformable
+
+    net = build_model(model, seed) if isinstance(model, str) else model
+    choices = choices or {"default": {}, "random": {"metric": "random", "window": None}}
+    deformable.apply_patch(net, ratio=0.0)
+    backbone = net.model.backbone
+    errors: dict = {}
+
+    def relative(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    with torch.inference_mode():
+        for name in images:
+            pixel_values = photo(name, height, width)
+            features = backbone(pixel_values, torch.ones(1, height, width, dtype=torch.long))
+            backbone.forward = lambda *args, **kwargs: features  # this instance only, removed below
+            try:
+                net.ratio = 0.0
+                base = net(pixel_values)
+                spread = base.pred_boxes - base.pred_boxes.mean(1, keepdim=True)
+                for label, options in choices.items():
+                    for ratio in ratios:
+                        deformable.apply_patch(net, ratio=ratio, **options)
+                        out = net(pixel_values)
+                        errors.setdefault((label, ratio), []).append((
+                            relative(out.logits, base.logits),
+                            float((out.pred_boxes - base.pred_boxes).norm() / spread.norm().clamp_min(1e-12)),
+                            relative(out.encoder_last_hidden_state, base.encoder_last_hidden_state)))
+            finally:
+                del backbone.forward
+    deformable.apply_patch(net, ratio=0.0)
+    return errors
+
+
 def backend_name() -> str:
     """The tome backend that CPU tensors use (``auto`` resolved)."""
     chosen = tome_kernels.get_backend()
