@@ -330,7 +330,7 @@ def test_compile():
 
 
 def test_bench_deformable_smoke(tmp_path):
-    from tome_kernels import bench_detr
+    from tome_kernels.tools import bench_detr
 
     result = bench_detr.bench_deformable("deformable-detr-tiny", ratios=(0.5, 0.75), height=96, width=128,
                                          repeats=1, warmup=0)
@@ -345,7 +345,7 @@ def test_bench_deformable_smoke(tmp_path):
 
 def test_deviation_smoke():
     pytest.importorskip("skimage")
-    from tome_kernels import bench_detr
+    from tome_kernels.tools import bench_detr
 
     errors = bench_detr.deviation("deformable-detr-tiny", ratios=(0.5,), images=("coffee",), height=96, width=128)
     assert set(errors) == {("default", 0.5), ("random", 0.5)}

@@ -356,7 +356,7 @@ def test_training_with_attention_dropout_uses_sdpa():
 
 
 def test_bench_detr_smoke():
-    from tome_kernels import bench_detr
+    from tome_kernels.tools import bench_detr
 
     result = bench_detr.bench(model="detr-tiny", er=8, mr=6, dr=2, batch=1, height=128, width=160, repeats=1,
                               warmup=0, transformer_rounds=2)

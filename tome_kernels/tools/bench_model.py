@@ -11,7 +11,7 @@ matmuls per block at the token counts merging leaves, plus the patch embedding a
 merging: a ToMe implementation with free merging and free bookkeeping would reach 100% of it.
 
 Dispatch on ``--model``: DETR names (``--model detr-resnet-50 --er 100 --mr 100``) hand the whole command
-line to :mod:`tome_kernels.bench_detr` (its own options and an Amdahl ceiling: the backbone does not
+line to :mod:`tome_kernels.tools.bench_detr` (its own options and an Amdahl ceiling: the backbone does not
 merge); other families here (:data:`FAMILIES`: timm, and transformers models as ``--model hf:vit-base``, see
 :data:`HF_MODELS`) add their options and build a :class:`Workload`.
 """
@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--model", default="vit_base_patch16_224")
-    from tome_kernels import bench_detr
+    from tome_kernels.tools import bench_detr
 
     if bench_detr.matches(peek.parse_known_args(argv)[0].model):
         return bench_detr.main(argv)
