@@ -191,3 +191,34 @@ def test_detr_export_and_onnx_equal_eager(tmp_path):
         got = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
         for g, want in zip(got, expected[batch]):
             torch.testing.assert_close(torch.from_numpy(g), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case,r", [("vit", 4), ("deit_teacher", 4)])
+def test_hf_vit_export_and_onnx_equal_eager(tmp_path, case, r):
+    """Hugging Face ViT (protected 1) and DeiT with teacher (protected 2), merged, through one ONNX graph."""
+    pytest.importorskip("transformers")
+    from test_patch_hf import images, make
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    model = make(case, dtype=torch.float32)
+    tome_kernels.patch.apply_patch(model, r=r)
+    wrapped = Logits(model).eval()
+    batches = {batch: images(model, batch, seed=batch) for batch in (2, 3)}
+    with torch.no_grad():
+        expected = {batch: wrapped(pixels) for batch, pixels in batches.items()}
+    program = export.export_program(wrapped, (batches[2],))
+    for batch, pixels in batches.items():
+        torch.testing.assert_close(program.module()(pixels), expected[batch], rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / f"{case}.onnx")
+    export.export_onnx(wrapped, (batches[2],), path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch, pixels in batches.items():
+        got = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), expected[batch], rtol=1e-4, atol=1e-5)
