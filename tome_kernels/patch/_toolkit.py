@@ -194,6 +194,25 @@ def fingerprint(function) -> str:
     return hashlib.sha256(" ".join(tokens).encode()).hexdigest()[:16]
 
 
+TRANSFORMERS_MAJOR = 5  # the layer signatures the transformers families render
+
+
+def transformers_modeling(model_type: str, family: str):
+    """``transformers.models.<model_type>.modeling_<model_type>`` of the supported major version; an
+    ImportError (how to install) or a RuntimeError (the version found) naming ``family`` otherwise."""
+    try:
+        import transformers
+
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError as error:
+        raise ImportError(f"tome_kernels.patch.{family} needs transformers {TRANSFORMERS_MAJOR}.x ({error}); pip "
+                          f"install 'transformers>={TRANSFORMERS_MAJOR},<{TRANSFORMERS_MAJOR + 1}'") from None
+    if int(transformers.__version__.split(".")[0]) != TRANSFORMERS_MAJOR:
+        raise RuntimeError(f"tome_kernels.patch.{family} supports transformers {TRANSFORMERS_MAJOR}.x (its layer "
+                           f"signatures); found transformers {transformers.__version__}")
+    return modeling
+
+
 def check_forward(module: nn.Module, expected: type, methods, family: str, known: dict[str, set[str]],
                   where: str | None = None) -> None:
     """Refuse ``module`` unless it is an ``expected`` whose ``methods`` (the ones the family replaces) are

@@ -43,7 +43,6 @@ from .hf_detr import _padding_metric
 
 __all__ = ["deformable_detr", "apply_patch", "unpatch", "match", "Groups"]
 
-_SUPPORTED_MAJOR = 5
 METRICS = ("x+pos", "x", "random")
 POS_MODES = ("keep", "mean")
 # Same-kind candidate pairs score >= 0.6 under the padding metric, cross-kind pairs exactly 0.
@@ -297,20 +296,6 @@ class _ToMeDeformableDetr:
 # ----------------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------------
-def _modeling():
-    try:
-        import transformers
-        from transformers.models.deformable_detr import modeling_deformable_detr
-    except ImportError as error:
-        raise ImportError(f"tome_kernels.patch.deformable_detr needs transformers {_SUPPORTED_MAJOR}.x ({error})"
-                          ) from None
-    major = int(transformers.__version__.split(".")[0])
-    if major != _SUPPORTED_MAJOR:
-        raise RuntimeError(f"tome_kernels.patch.deformable_detr supports transformers {_SUPPORTED_MAJOR}.x, found "
-                           f"{transformers.__version__}")
-    return modeling_deformable_detr
-
-
 def _inner_model(md, model) -> nn.Module:
     if isinstance(model, md.DeformableDetrForObjectDetection):
         inner = model.model
@@ -341,7 +326,7 @@ def deformable_detr(model: nn.Module, ratio: float = 0.5, pos_mode: str = "keep"
     Patching a patched model updates its settings. After each forward ``model._tome_info`` holds ``queries``
     (the merged query count of every encoder layer) and ``groups`` (the last layer's :class:`Groups`).
     """
-    md = _modeling()
+    md = tk.transformers_modeling("deformable_detr", "deformable_detr")
     inner = _inner_model(md, model)
     if pos_mode not in POS_MODES:
         raise ValueError(f"tome_kernels.patch.deformable_detr: pos_mode must be one of {POS_MODES}, got {pos_mode!r}")

@@ -71,7 +71,6 @@ __all__ = ["detr"]
 
 # Real tokens' constant metric channel: real-real similarity >= (a^2 - 1) / (a^2 + 1) = 0.6 > 0 = pad-real.
 _REAL_CHANNEL = 2.0
-_SUPPORTED_MAJOR = 5
 FAMILY = "detr"
 # The transformers methods this file renders itself (transformers 5.23; see tk.check_forward).
 KNOWN_CODE = {
@@ -405,20 +404,6 @@ def _finish(call: tk.Call) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------------
-def _modeling_detr():
-    try:
-        import transformers
-        from transformers.models.detr import modeling_detr
-    except ImportError as error:
-        raise ImportError(f"tome_kernels.patch.detr needs transformers {_SUPPORTED_MAJOR}.x ({error}); "
-                          f"pip install 'transformers>={_SUPPORTED_MAJOR},<{_SUPPORTED_MAJOR + 1}'") from None
-    major = int(transformers.__version__.split(".")[0])
-    if major != _SUPPORTED_MAJOR:
-        raise RuntimeError(f"tome_kernels.patch.detr supports transformers {_SUPPORTED_MAJOR}.x (its DETR layer "
-                           f"signatures); found transformers {transformers.__version__}")
-    return modeling_detr
-
-
 def _check_supported(md, model) -> nn.Module:
     """Return the DetrModel inside ``model`` or raise a clear TypeError."""
     if isinstance(model, md.DetrForObjectDetection):
@@ -462,7 +447,7 @@ def detr(model: nn.Module, er: int = 0, mr: int = 0, dr: int = 0, prop_attn: boo
     if merge_count(r, "r") != 0:
         raise ValueError("tome_kernels.patch.detr: DETR merges er (encoder), mr (memory) and dr (decoder) "
                          f"tokens, not one r; got r={r}")
-    md = _modeling_detr()
+    md = tk.transformers_modeling("detr", "detr")
     detr_model = _check_supported(md, model)
     if pos_mode not in ("keep", "mean"):
         raise ValueError(f"tome_kernels.patch.detr: pos_mode must be 'keep' or 'mean', got {pos_mode!r}")
