@@ -213,6 +213,26 @@ def transformers_modeling(model_type: str, family: str):
     return modeling
 
 
+def keep_output_capture(module: nn.Module) -> None:
+    """Register ``module``'s (swapped) class for transformers' output capture (``output_hidden_states`` /
+    ``output_attentions``), which looks a model's recordable outputs up by the name of its class; done when
+    patching and again when a patched model is unpickled in another process."""
+    from transformers.utils import output_capturing
+
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if registry is not None and getattr(module, "_can_record_outputs", None):
+        registry[module] = module._can_record_outputs
+
+
+class KeepsOutputCapture:
+    """Mixin of a patched transformers model: re-registers its class for output capture when unpickled (in a
+    process that has not patched this class yet)."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        keep_output_capture(self)
+
+
 def check_forward(module: nn.Module, expected: type, methods, family: str, known: dict[str, set[str]],
                   where: str | None = None) -> None:
     """Refuse ``module`` unless it is an ``expected`` whose ``methods`` (the ones the family replaces) are

@@ -188,26 +188,7 @@ class _ToMeCLIPLayer(_ToMeLayer):
         return self.mlp(self.layer_norm2(x))
 
 
-def _keep_output_capture(module: nn.Module) -> None:
-    """Register ``module``'s (swapped) class for transformers' output capture (``output_hidden_states`` /
-    ``output_attentions``), which looks a model's recordable outputs up by the name of its class; done when
-    patching and again when a patched model is unpickled in another process."""
-    from transformers.utils import output_capturing
-
-    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
-    if registry is not None and getattr(module, "_can_record_outputs", None):
-        registry[module] = module._can_record_outputs
-
-
-class _KeepsOutputCapture:
-    """A patched transformers model that re-registers its class for output capture when unpickled."""
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        _keep_output_capture(self)
-
-
-class _ToMeBackbone(_KeepsOutputCapture):
+class _ToMeBackbone(tk.KeepsOutputCapture):
     """The vision backbone (embeds the image, runs the encoder layers): ``r`` and the state of a forward."""
 
     r = tk.r_property(lambda model: len(model._tome_info["r"]))
@@ -233,7 +214,7 @@ class _ToMeBackbone(_KeepsOutputCapture):
         return out
 
 
-class _ToMeWrapper(_KeepsOutputCapture):
+class _ToMeWrapper(tk.KeepsOutputCapture):
     """A model holding the vision backbone (a classifier, a two-tower model): ``r`` is the backbone's."""
 
     @property
@@ -339,7 +320,7 @@ def find_family(model: nn.Module) -> tuple[Family, str] | None:
 
 def _swap_class(module: nn.Module, mixin: type) -> None:
     tk.swap_class(module, mixin)
-    _keep_output_capture(module)
+    tk.keep_output_capture(module)
 
 
 def _patch(model: nn.Module, family: Family, backbone_path: str, r, trace_source: bool, prop_attn: bool,

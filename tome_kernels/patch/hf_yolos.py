@@ -212,7 +212,7 @@ def _yolos_model(model: nn.Module) -> nn.Module:
     return model.vit if hasattr(model, "class_labels_classifier") else model
 
 
-class _ToMeYolos:
+class _ToMeYolos(tk.KeepsOutputCapture):
     """The patched top-level model: ``model.r`` sets the merges per encoder layer; each forward is one call."""
 
     _tome_keep_name = True  # save_pretrained writes the class name as the architecture
@@ -228,10 +228,6 @@ class _ToMeYolos:
 
     def forward(self, *args, **kwargs):
         return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
-
-    def __setstate__(self, state):  # unpickled in a process that has not patched this class yet
-        super().__setstate__(state)
-        _register_output_capture(self)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,14 +250,6 @@ def _check_supported(model: nn.Module) -> nn.Module:
     return yolos
 
 
-def _register_output_capture(model: nn.Module) -> None:
-    """transformers looks a model's recordable outputs (``output_hidden_states`` / ``output_attentions``) up by
-    the name of its class, registered when the model is built: register the patched class as well."""
-    from transformers.utils import output_capturing
-
-    output_capturing._CAN_RECORD_REGISTRY[model] = model._can_record_outputs
-
-
 @tk.register_family(FAMILY, ("transformers.models.yolos.modeling_yolos.YolosForObjectDetection",
                              "transformers.models.yolos.modeling_yolos.YolosModel"),
                     "transformers YolosForObjectDetection, YolosModel")
@@ -281,7 +269,7 @@ def yolos(model: nn.Module, r=None, *, trace_source: bool = False, prop_attn: bo
     if r is None:
         r = model.r if getattr(model, "_tome_info", None) is not None else 0
     tk.swap_class(model, _ToMeYolos)
-    _register_output_capture(model)
+    tk.keep_output_capture(model)
     model._tome_info = {
         "r": [], "size": None, "source": None,
         "trace_source": bool(trace_source), "prop_attn": bool(prop_attn), "pos_mode": pos_mode,
