@@ -25,7 +25,8 @@ __all__ = ["decompositions", "export_program", "export_onnx"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# The ops as out-of-place ATen compositions (the token layout is layout.py's; N is static per call)
+# The ops as out-of-place ATen compositions (N is static per call). merge, unmerge and merge_source are the
+# reference's own; the match is not, since a stable sort has no ONNX translation.
 # ----------------------------------------------------------------------------------------------------
 def _match(metric, r: int, protected: int):
     batch, num_tokens, _ = metric.shape
@@ -58,77 +59,26 @@ def _match(metric, r: int, protected: int):
     return first_a + 2 * unm_rank, first_a + 2 * src_rank, first_b + 2 * dst_slot
 
 
-def _groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx):
-    """``(rep, group)`` of layout.py, built with out-of-place scatters."""
-    batch, num_unmerged = unm_idx.shape
-    rep = layout.representatives(num_tokens, protected, unm_idx)
-    out_index = torch.arange(rep.shape[1], device=rep.device).expand(batch, -1)
-    group = torch.zeros(batch, num_tokens, dtype=torch.long, device=rep.device).scatter(1, rep, out_index)
-    group = group.scatter(1, src_idx, layout.b_output_index(dst_idx, num_unmerged, protected))
-    return rep, group
-
-
-def _tokens(index, channels: int):
-    return index.unsqueeze(-1).expand(-1, -1, channels)
-
-
-def _merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):
-    """``(x_out, pos_out, size_out [B, N - r])``; size is ``[B, N]`` or None."""
-    batch, num_tokens, channels = x.shape
-    num_out = num_tokens - src_idx.shape[1]
-    acc = torch.promote_types(x.dtype, torch.float32)
-    rep, group = _groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
-    weight = x.new_ones(batch, num_tokens, dtype=acc) if size is None else size.to(acc)
-    size_out = weight.new_zeros(batch, num_out).scatter_add(1, group, weight)
-    members = torch.zeros_like(group[:, :num_out]).scatter_add(1, group, torch.ones_like(group))
-    singleton = (members == 1).unsqueeze(-1)
-
-    def weighted_mean(t):
-        total = t.new_zeros(batch, num_out, t.shape[-1], dtype=acc)
-        total = total.scatter_add(1, _tokens(group, t.shape[-1]), t.to(acc) * weight.unsqueeze(-1))
-        copied = t.gather(1, _tokens(rep, t.shape[-1])).to(acc)  # a token alone is copied, not re-divided
-        return torch.where(singleton, copied, total / size_out.unsqueeze(-1)).to(t.dtype)
-
-    x_out = weighted_mean(x)
-    if pos is None:
-        pos_out = x.new_empty(0)
-    else:
-        pos_out = weighted_mean(pos) if pos_mean else pos.gather(1, _tokens(rep, pos.shape[-1]))
-    return x_out, pos_out, size_out.to(x.dtype if size is None else size.dtype)
-
-
 def _size_2d(size):
     return None if size is None else size.reshape(size.shape[0], size.shape[1])
 
 
 def _bipartite_merge(x, pos, size, r, metric=None, protected=0, pos_mode="keep"):
     unm_idx, src_idx, dst_idx = _match(x if metric is None else metric, r, protected)
-    x_out, pos_out, size_out = _merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
-                                      pos_mode == "mean")
+    x_out, pos_out, size_out = reference.merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
+                                               pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1), unm_idx, src_idx, dst_idx
 
 
 def _merge_op(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
-    x_out, pos_out, size_out = _merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
-                                      pos_mode == "mean")
+    x_out, pos_out, size_out = reference.merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
+                                               pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1)
 
 
-def _unmerge(y, unm_idx, src_idx, dst_idx, protected=0):
-    num_tokens = y.shape[1] + src_idx.shape[1]
-    _, group = _groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
-    return y.gather(1, _tokens(group, y.shape[-1]))
-
-
-def _merge_source(source, unm_idx, src_idx, dst_idx, protected=0):
-    num_tokens = source.shape[1]
-    _, group = _groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
-    out = source.new_zeros(source.shape[0], num_tokens - src_idx.shape[1], source.shape[2])
-    return out.scatter_reduce(1, _tokens(group, source.shape[2]), source, reduce="amax")
-
-
 def _prop_attention(q, k, v, size, scale):
-    """``(out, lse)``; a row whose keys all have size 0 gets output 0 and lse -inf, as the contract."""
+    """``(out, lse)``; a row whose keys all have size 0 gets output 0 and lse -inf, as the contract. Not the
+    reference's logsumexp form: a runtime's LogSumExp of an all -inf row may give NaN, not -inf."""
     acc = torch.promote_types(q.dtype, torch.float32)
     logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if size is not None:
@@ -148,8 +98,8 @@ def decompositions() -> dict:
         ops.bipartite_match.default: _match,
         ops.bipartite_merge.default: _bipartite_merge,
         ops._merge.default: _merge_op,
-        ops.unmerge.default: _unmerge,
-        ops.merge_source.default: _merge_source,
+        ops.unmerge.default: reference.unmerge,
+        ops.merge_source.default: reference.merge_source,
         ops._prop_attention.default: _prop_attention,
     }
 

@@ -72,7 +72,6 @@ def groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx) -> torch.
     rep = representatives(num_tokens, protected, unm_idx)
     batch = rep.shape[0]
     out_index = torch.arange(rep.shape[1], device=rep.device).expand(batch, -1)
-    group = torch.empty(batch, num_tokens, dtype=torch.long, device=rep.device)
-    group.scatter_(1, rep, out_index)
-    group.scatter_(1, src_idx, b_output_index(dst_idx, unm_idx.shape[1], protected))
-    return group
+    # Out of place, so that the export compositions (tome_kernels.export) can trace it.
+    group = torch.zeros(batch, num_tokens, dtype=torch.long, device=rep.device).scatter(1, rep, out_index)
+    return group.scatter(1, src_idx, b_output_index(dst_idx, unm_idx.shape[1], protected))

@@ -76,14 +76,15 @@ def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: boo
     acc = _accumulate_dtype(x.dtype)
     weight = (torch.ones(batch, num_tokens, dtype=acc, device=x.device) if size is None
               else size.to(acc))
-    size_out = weight.new_zeros(batch, num_out).scatter_add_(1, group, weight)
-    members = torch.zeros(batch, num_out, dtype=torch.long, device=x.device)
-    members.scatter_add_(1, group, torch.ones_like(group))
+    # Out-of-place scatters throughout: tome_kernels.export traces this function for ONNX.
+    size_out = weight.new_zeros(batch, num_out).scatter_add(1, group, weight)
+    members = torch.zeros(batch, num_out, dtype=torch.long, device=x.device).scatter_add(1, group,
+                                                                                        torch.ones_like(group))
     singleton = (members == 1).unsqueeze(-1)
 
     def weighted_mean(t):
-        total = t.new_zeros(batch, num_out, t.shape[-1], dtype=acc)
-        total.scatter_add_(1, group.unsqueeze(-1).expand(-1, -1, t.shape[-1]), t.to(acc) * weight[..., None])
+        total = t.new_zeros(batch, num_out, t.shape[-1], dtype=acc).scatter_add(
+            1, group.unsqueeze(-1).expand(-1, -1, t.shape[-1]), t.to(acc) * weight[..., None])
         # A token that merged with nothing is copied, not divided back (bit-exact passthrough).
         return torch.where(singleton, _gather_tokens(t, rep).to(acc), total / size_out[..., None]).to(t.dtype)
 
@@ -183,7 +184,7 @@ def merge_source(source, unm_idx, src_idx, dst_idx, protected: int):
     num_tokens = source.shape[1]
     group = groups(num_tokens, protected, unm_idx, src_idx, dst_idx)
     out = source.new_zeros(source.shape[0], num_tokens - src_idx.shape[1], source.shape[2])
-    return out.scatter_reduce_(1, group.unsqueeze(-1).expand_as(source), source, reduce="amax")
+    return out.scatter_reduce(1, group.unsqueeze(-1).expand_as(source), source, reduce="amax")
 
 
 class TorchBackend(Backend):
