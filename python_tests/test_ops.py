@@ -4,7 +4,8 @@ import re
 
 import pytest
 import torch
-from tome_testing import assert_close, reference_outputs, tie_free_metric
+from tome_testing import (assert_close, random_windows, reference_outputs, tie_free_metric,
+                          window_tie_free_metric)
 from torch.library import opcheck
 
 import tome_kernels
@@ -70,6 +71,55 @@ def test_match_layout_rules():
     x = make_tokens(1, 21, 3, torch.float32, "cpu")
     out = reference_outputs(torch.ops.tome.bipartite_merge, x, None, None, 4, metric=metric, protected=2)[0]
     assert torch.equal(out[:, :2], x[:, :2])  # [token0, token1, rest of unmerged A, rest of B]
+
+
+# (batch, N, windows, width, r): every A listed or a part, widths 2 to 16, r past the listed A tokens, r = 0.
+WINDOW_CASES = [
+    (2, 64, 8, 8, 12),
+    (1, 37, 5, 4, 7),
+    (3, 50, 25, 2, 100),
+    (2, 17, 2, 6, 0),
+    (1, 300, 18, 16, 100),
+    (2, 1001, 120, 8, 400),
+]
+WINDOW_IDS = [f"B{b}-N{n}-W{w}x{s}-r{r}" for b, n, w, s, r in WINDOW_CASES]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=WINDOW_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_window_match_indices_equal_reference(backend, case, dtype):
+    device, _ = backend
+    batch, num_tokens, num_windows, width, r = case
+    windows = random_windows(num_tokens, num_windows, width).to(device)
+    metric = window_tie_free_metric(batch, num_tokens, windows.cpu(), 64, dtype, device)
+    expected = reference_outputs(torch.ops.tome.window_match, metric, windows, r)
+    actual = torch.ops.tome.window_match(metric, windows, r)
+    assert actual[1].shape == (batch, min(r, num_windows * width // 2))
+    for a, e in zip(actual, expected):
+        assert a.dtype == torch.int64 and a.is_contiguous()
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_window_match_reference_rules():
+    """The reference, against a loop over windows: best B of the window (first on ties), ranking over the
+    row with ties to the lower A position, unmerged A ascending, unlisted A tokens never merging."""
+    windows = torch.tensor([[8, 3, 2, 1], [0, 7, 4, 7], [12, 9, 14, 13]])
+    metric = torch.randn(2, 17, 6, dtype=torch.float64)
+    metric[0, 4] = metric[0, 7]  # an exact best score of 1 ...
+    metric[0, 12] = metric[0, 13]  # ... twice: the lower A position (4) ranks first
+    metric[1, 14] = 0  # a zero vector scores 0 against every B: first slot (13)
+    unm, src, dst = reference_outputs(torch.ops.tome.window_match, metric, windows, 5)
+    unit = torch.nn.functional.normalize(metric, dim=-1)
+    for b in range(2):
+        best = {}
+        for window in windows.tolist():
+            for a in window[0::2]:
+                scores = [float(unit[b, a] @ unit[b, j]) for j in window[1::2]]
+                best[a] = (max(scores), window[1::2][scores.index(max(scores))])
+        ranked = sorted(best, key=lambda a: (-best[a][0], a))[:5]
+        assert src[b].tolist() == ranked and dst[b].tolist() == [best[a][1] for a in ranked]
+        assert unm[b].tolist() == sorted(set(range(0, 17, 2)) - set(ranked))
+    assert src[0, :2].tolist() == [4, 12] and dst[1, src[1].tolist().index(14)] == 13
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -231,6 +281,7 @@ def _opcheck_cases(device):
     q, k, v = (make_tokens(2, 9, 16, torch.float32, device, s).view(1, 2, 9, 16).requires_grad_() for s in (1, 2, 3))
     return [
         (torch.ops.tome.bipartite_match.default, (metric, 4, 1), {}),
+        (torch.ops.tome.window_match.default, (metric, random_windows(13, 3, 4).to(device), 4), {}),
         (torch.ops.tome.bipartite_merge.default, (x, pos, size, 4), dict(metric=metric, protected=1, pos_mode="mean")),
         (torch.ops.tome._merge.default, (x, pos, size, *indices, 1, "keep"), {}),
         (torch.ops.tome.merge.default, (x, size, *indices, 1), {}),
@@ -270,6 +321,26 @@ def test_compile_fullgraph_with_backward(backend):
     torch.testing.assert_close(grad_actual, grad_expected, rtol=1e-6, atol=1e-6)
 
 
+def test_window_match_compiles_with_merge_and_unmerge(backend):
+    """The dense form (match in windows, merge, compute, unmerge) compiles into a single graph."""
+    device, _ = backend
+    torch._dynamo.reset()
+    windows = random_windows(40, 5, 8).to(device)
+    metric = window_tie_free_metric(2, 40, windows.cpu(), 64, torch.float32, device)
+    x = make_tokens(2, 40, 16, torch.float32, device).requires_grad_()
+
+    def layer(x):
+        indices = torch.ops.tome.window_match(metric, windows, 12)
+        merged, _ = torch.ops.tome.merge(x, None, *indices, 0)
+        return x + torch.ops.tome.unmerge(merged.tanh(), *indices, 0)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    expected = layer(x)
+    torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(compiled(x).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), x)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_compile_inductor_dynamic_shapes():
     """Inductor with shapes that change between calls (N shrinks every layer) does not recompile per N."""
     torch._dynamo.reset()
@@ -293,7 +364,14 @@ def _bad_calls():
     duplicated = torch.cat([idx[1][:, :2], idx[1][:, :1]], 1)
     q = torch.randn(1, 2, 5, 8)
     ops = torch.ops.tome
+    windows = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
     return [
+        ("windows must be an int64 [num_windows, even width]", lambda: ops.window_match(x, windows[:, :3], 2)),
+        ("windows must be an int64 [num_windows, even width]", lambda: ops.window_match(x, windows.int(), 2)),
+        ("windows must hold token positions in [0, N=10)", lambda: ops.window_match(x, windows + 4, 2)),
+        ("windows must hold even (A) positions in its even slots", lambda: ops.window_match(x, windows.flip(1), 2)),
+        ("windows must list each A (even) position at most once", lambda: ops.window_match(x, windows[[0, 0]], 2)),
+        ("r must be >= 0", lambda: ops.window_match(x, windows, -1)),
         ("r must be >= 0", lambda: ops.bipartite_merge(x, None, None, -1)),
         ("x must have 3 dimensions", lambda: ops.bipartite_merge(x[0], None, None, 2)),
         ("metric must be [batch, N, Cm]", lambda: ops.bipartite_merge(x, None, None, 2, metric=torch.randn(2, 9, 4))),

@@ -27,6 +27,10 @@ class ToyBackend(Backend):
         self._called("match", metric.shape[0], reference.clamp_r(r, metric.shape[1], protected))
         return reference.match(metric, r, protected)
 
+    def window_match(self, metric, windows, r):
+        self._called("window_match", metric.shape[0], r)
+        return reference.window_match(metric, windows, r)
+
     def merge(self, x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean):
         self._called("merge", x.shape[0], src_idx.shape[1])
         return reference.merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean)

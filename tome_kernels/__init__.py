@@ -4,6 +4,7 @@ Importing the package registers every op. Public ops (see README for shapes)::
 
     torch.ops.tome.bipartite_merge(x, pos, size, r, metric=None, protected=0, pos_mode="keep")
     torch.ops.tome.bipartite_match(metric, r, protected=0)
+    torch.ops.tome.window_match(metric, windows, r)
     torch.ops.tome.merge(x, size, unm_idx, src_idx, dst_idx, protected=0)
     torch.ops.tome.unmerge(y, unm_idx, src_idx, dst_idx, protected=0)
     torch.ops.tome.prop_attention(q, k, v, size=None, scale=None)
@@ -27,11 +28,12 @@ BACKENDS = backend_names()  # the built-in ones; backend_names() also lists thos
 
 bipartite_merge = torch.ops.tome.bipartite_merge
 bipartite_match = torch.ops.tome.bipartite_match
+window_match = torch.ops.tome.window_match
 merge = torch.ops.tome.merge
 unmerge = torch.ops.tome.unmerge
 prop_attention = torch.ops.tome.prop_attention
 merge_source = torch.ops.tome.merge_source
 
 __all__ = ["BACKENDS", "Backend", "available_backends", "backend_names", "get_backend", "register_backend",
-           "set_backend", "unregister_backend", "use_backend", "bipartite_merge", "bipartite_match", "merge",
+           "set_backend", "unregister_backend", "use_backend", "bipartite_merge", "bipartite_match", "window_match", "merge",
            "unmerge", "prop_attention", "merge_source"]

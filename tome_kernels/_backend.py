@@ -3,7 +3,7 @@
 
 A backend is a :class:`Backend`: it declares its name, the device types ``auto`` may pick it for, a priority
 (``auto`` tries higher first), why it cannot run on a device type (or None), which value checks it performs
-itself, and implements the seven kernel-level functions (the signatures of :mod:`tome_kernels.reference`,
+itself, and implements the eight kernel-level functions (the signatures of :mod:`tome_kernels.reference`,
 the spec). The ops (:mod:`tome_kernels._ops`) have validated every argument and handled r = 0 and empty
 batches before they call a backend, so a backend may assume r >= 1 and batch >= 1. Adding one: a file
 with a subclass, and one ``register_backend`` line (tome_kernels/__init__.py for the built-ins).
@@ -49,6 +49,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def match(self, metric: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor, Tensor]:
         """(unm_idx, src_idx, dst_idx): ``reference.match``."""
+
+    @abc.abstractmethod
+    def window_match(self, metric: Tensor, windows: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(unm_idx, src_idx, dst_idx): ``reference.window_match``."""
 
     @abc.abstractmethod
     def merge(self, x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):

@@ -12,6 +12,7 @@ from ._backend import Backend
 # Sizes are [batch, N] (or None); size_out is [batch, N - r].
 _lib = Library("tome", "FRAGMENT")
 _lib.define("_native_match(Tensor metric, int r, int protected) -> (Tensor, Tensor, Tensor)")
+_lib.define("_native_window_match(Tensor metric, Tensor windows, int r) -> (Tensor, Tensor, Tensor)")
 _lib.define("_native_merge(Tensor x, Tensor? pos, Tensor? size, Tensor unm_idx, Tensor src_idx, "
             "Tensor dst_idx, int protected, bool pos_mean) -> (Tensor, Tensor, Tensor)")
 _lib.define("_native_merge_backward(Tensor grad_x, Tensor? grad_pos, Tensor? size, Tensor size_out, "
@@ -64,6 +65,9 @@ class NativeBackend(Backend):
 
     def match(self, metric, r, protected):
         return tuple(self.ops._native_match(metric, r, protected))
+
+    def window_match(self, metric, windows, r):
+        return tuple(self.ops._native_window_match(metric, windows, r))
 
     def bipartite_merge(self, x, pos, size, metric, r, protected, pos_mean):
         return tuple(self.ops._native_bipartite_merge(x, pos, size, metric, r, protected, pos_mean))

@@ -39,6 +39,9 @@ class TritonBackend(Backend):
     def match(self, metric, r, protected):
         return _kernels().match(metric, r, protected)
 
+    def window_match(self, metric, windows, r):
+        return _kernels().window_match(metric, windows, r)
+
     def merge(self, x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean):
         return _kernels().merge(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mean)
 

@@ -6,7 +6,7 @@ Who checks what (docs/ARCHITECTURE.md has the table):
 * Shapes, dtypes, devices and scalar arguments: here, for every op, by its real kernel and its fake kernel
   alike (so ``torch.compile`` raises the same errors). The C++ ops (``torch.ops.tome._native_*``) repeat
   these checks with the same messages (csrc/include/tome/checks.h), as they can be called directly.
-* Values (index triples, sizes): they need the data, so they are checked on CPU tensors always and on GPU
+* Values (index triples, sizes, window tables): they need the data, so they are checked on CPU tensors always and on GPU
   tensors only with ``TOME_CHECK_INDICES=1`` (a check there synchronises). A backend that checks them itself
   in a pass that reads them anyway says so in ``Backend.checked_values`` (the ``cpu`` backend: both, in
   csrc/cpu/common.h, with these messages); this module checks the rest. When nothing reaches a backend (the
@@ -101,6 +101,13 @@ def check_indices(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, batch, num_
                          f"tokens with protected={protected}: pass the indices bipartite_match returned for them")
 
 
+def check_windows(windows: Tensor, num_tokens) -> None:
+    """Shape of a window table: int64 [W, S], S even."""
+    if windows.dtype != torch.int64 or windows.dim() != 2 or windows.shape[1] % 2:
+        raise ValueError(f"tome: windows must be an int64 [num_windows, even width] tensor of token positions, "
+                         f"got {windows.dtype} shape {tuple(windows.shape)}")
+
+
 def check_attention(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor]) -> Optional[Tensor]:
     """q [B, H, Nq, D], k and v [B, H, Nk, D] of one float dtype, size [B, Nk(, 1)]; returns size as [B, Nk]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -120,7 +127,7 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, size: Optional[Tensor]) -> 
 # Values (real kernels only)
 # ----------------------------------------------------------------------------------------------------
 def _values_checked_here(t: Tensor, backend, kind: str) -> bool:
-    """Whether this module checks the ``kind`` values ("indices" or "sizes") of ``t``: on CPU (or with
+    """Whether this module checks the ``kind`` values ("indices", "sizes" or "windows") of ``t``: on CPU (or with
     TOME_CHECK_INDICES=1) unless ``backend``, the one that will read them, checks them itself."""
     if not (t.device.type == "cpu" or _CHECK_GPU_VALUES):
         return False
@@ -143,6 +150,22 @@ def check_index_values(backend, num_tokens: int, protected: int, unm_idx, src_id
     if (seen[:, layout.first_a(protected)::2] != 1).any():
         raise ValueError(f"tome: unm_idx and src_idx must hold every even (A) token position in "
                          f"[protected={protected}, N={num_tokens}) once (one is missing or repeated)")
+
+
+def check_window_values(backend, num_tokens: int, windows: Tensor) -> None:
+    """Raise ValueError unless ``windows`` holds even (A) positions in its even slots, odd (B) positions in its
+    odd slots, all in [0, N), and no A position twice (``backend``: the one that runs next, None: none does)."""
+    if windows.numel() == 0 or not _values_checked_here(windows, backend, "windows"):
+        return
+    if windows.min() < 0 or windows.max() >= num_tokens:
+        raise ValueError(f"tome: windows must hold token positions in [0, N={num_tokens}), got values in "
+                         f"[{windows.min().item()}, {windows.max().item()}]")
+    a_pos, b_pos = windows[:, 0::2], windows[:, 1::2]
+    if (a_pos % 2 != 0).any() or (b_pos % 2 != 1).any():
+        raise ValueError("tome: windows must hold even (A) positions in its even slots and odd (B) positions in "
+                         "its odd slots")
+    if a_pos.flatten().unique().numel() != a_pos.numel():
+        raise ValueError("tome: windows must list each A (even) position at most once")
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -26,6 +26,13 @@ def clamp_r(r: int, num_tokens: int, protected: int) -> int:
     return max(0, min(r, (num_tokens - protected) // 2))
 
 
+def window_r(r: int, num_tokens: int, windows_shape) -> int:
+    """The merges a windowed match makes: at most one per A slot of the window table (``[W, S]``: W * S / 2
+    A tokens, each listed once), and at most one per A token."""
+    num_windows, width = windows_shape
+    return max(0, min(r, num_windows * (width // 2), num_a(num_tokens, 0)))
+
+
 def first_a(protected: int) -> int:
     """Position of the first non-protected A (even) token."""
     return protected + (protected & 1)

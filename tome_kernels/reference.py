@@ -15,6 +15,11 @@ Index tensors (int64, absolute token positions in the input):
 Everything below is expressed with the layout's two maps, ``rep`` (the input position representing each
 output token) and ``group`` (the output token of each input token).
 
+Windowed matching (``window_match``): a table ``windows [W, S]`` (S even) lists, per window, A positions in
+its even slots and B positions in its odd slots (each A position in at most one window); each listed A token
+finds its best B among its window's B slots, the listed A tokens are ranked over the whole row as above, and
+the best r merge (unlisted A tokens never do). ``unm_idx`` is then always in ascending position.
+
 Matching: cosine similarity of the L2-normalised metric; a zero metric vector normalises to zero (it
 scores 0 against every token, never NaN). Ties are broken towards the lower position: the first best B
 partner, and among equal best scores the lower A position ranks first.
@@ -29,7 +34,7 @@ from ._validation import accumulate_dtype as _accumulate_dtype
 
 # The layout is part of the spec: these names are also read as ``reference.<name>`` by the kernels' tests.
 from .layout import (a_positions, b_positions, clamp_r, first_a, first_b, groups, num_a, num_b,  # noqa: F401
-                     representatives)
+                     representatives, window_r)
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
 
@@ -62,6 +67,34 @@ def match(metric: torch.Tensor, r: int, protected: int):
     src_idx = a_pos[src_rank]
     dst_idx = b_pos[best_b.gather(1, src_rank)]
     return a_pos[unm_rank], src_idx, dst_idx
+
+
+def _unmerged_in_order(src_idx, num_tokens: int):
+    """Every A position (protected = 0) not in ``src_idx``, ascending: ``[batch, nA - r]``."""
+    batch, r = src_idx.shape
+    count = num_a(num_tokens, 0)
+    merged = torch.zeros(batch, count, dtype=torch.uint8, device=src_idx.device).scatter(1, src_idx // 2, 1)
+    return torch.sort(merged, dim=1, stable=True).indices[:, : count - r] * 2
+
+
+def window_match(metric: torch.Tensor, windows: torch.Tensor, r: int):
+    """Bipartite soft matching within windows (see the module docstring). Returns ``(unm_idx, src_idx,
+    dst_idx)``; r is clamped to the listed A tokens."""
+    batch, num_tokens, _ = metric.shape
+    r = window_r(r, num_tokens, windows.shape)
+    metric = metric.to(_accumulate_dtype(metric.dtype))
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    a_pos, b_pos = windows[:, 0::2], windows[:, 1::2]  # [W, S/2] each
+    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(-1, -2)  # [batch, W, S/2 (A), S/2 (B)]
+    best_score, best_slot = scores.max(dim=-1)  # first maximum on ties, NaN as torch.max
+    best_b = b_pos.expand(batch, -1, -1).gather(2, best_slot)
+    # Candidates in position order, so that the stable sort breaks ties towards the lower A position.
+    by_position = a_pos.flatten().argsort()
+    candidates = a_pos.flatten()[by_position]
+    best_score, best_b = best_score.flatten(1)[:, by_position], best_b.flatten(1)[:, by_position]
+    rank = torch.sort(best_score, dim=-1, descending=True, stable=True).indices[:, :r]
+    src_idx = candidates[rank]
+    return _unmerged_in_order(src_idx, num_tokens), src_idx, best_b.gather(1, rank)
 
 
 def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):
@@ -192,6 +225,7 @@ class TorchBackend(Backend):
 
     name, devices, priority = "torch", (ANY_DEVICE,), 0
     match = staticmethod(match)
+    window_match = staticmethod(window_match)
     merge = staticmethod(merge)
     merge_backward = staticmethod(merge_backward)
     unmerge = staticmethod(unmerge)
