@@ -4,11 +4,11 @@ directly (memory safety, fresh outputs) and determinism across thread counts."""
 
 import pytest
 import torch
-from tome_testing import tie_free_metric
+from tome_testing import tie_free_metric, window_tie_free_metric
 from torch.library import opcheck
 
 import tome_kernels
-from tome_kernels import reference, use_backend
+from tome_kernels import layout, reference, use_backend
 
 _REASON = tome_kernels.available_backends("cpu")["cpu"]
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
@@ -123,6 +123,38 @@ def test_match_exact_ties(protected):
         for dtype in (torch.float32, torch.bfloat16):
             for r in (0, 7, 19):
                 actual, expected = on_both(ops.bipartite_match, metric.to(dtype), r, protected)
+                for a, e in zip(actual, expected):
+                    assert_exact(a, e)
+
+
+# Multi-scale feature grids (Deformable DETR-like: level offsets of both parities, edges off the tiles).
+GRIDS = [(10, 13), (5, 7), (3, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", [(2, 4), (1, 2), (4, 4)], ids=str)
+def test_window_match_on_grid_tiles_equals_reference(dtype, tile):
+    windows = layout.grid_windows(GRIDS, *tile)
+    num_tokens = sum(h * w for h, w in GRIDS)
+    metric = window_tie_free_metric(2, num_tokens, windows, 64, dtype, seed=tile[0])
+    for r in (0, 1, 40, windows.numel() // 2, 10**6):
+        actual, expected = on_both(ops.window_match, metric, windows, r)
+        for a, e in zip(actual, expected):
+            assert a.dtype == torch.int64 and a.is_contiguous()
+            assert_exact(a, e)
+
+
+def test_window_match_exact_ties():
+    """Exact ties (one-hot tokens, zero vectors): first B slot of the window, then the lower A position."""
+    windows = layout.segment_windows([(0, 40), (40, 66)], 6)
+    gen = torch.Generator().manual_seed(0)
+    one_hot = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 66), generator=gen), 3).double()
+    with_zeros = torch.randn(2, 66, 16, generator=gen, dtype=torch.float64)
+    with_zeros[:, 2:50:5] = 0
+    for metric in (one_hot, torch.zeros(2, 66, 4), with_zeros):
+        for dtype in (torch.float32, torch.bfloat16):
+            for r in (0, 7, 30):
+                actual, expected = on_both(ops.window_match, metric.to(dtype), windows, r)
                 for a, e in zip(actual, expected):
                     assert_exact(a, e)
 

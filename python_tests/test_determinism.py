@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from tome_testing import tie_free_metric
+from tome_testing import random_windows, tie_free_metric
 
 import tome_kernels
 
@@ -27,6 +27,8 @@ def every_op(batch, num_tokens, channels, protected=1, r=None):
     x_out, pos_out, size_out, *idx = ops.bipartite_merge(x, pos, size, r, metric=metric, protected=protected,
                                                          pos_mode="mean")
     match = ops.bipartite_match(randn(batch, num_tokens, 16, seed=4), r, protected)  # random: near-ties too
+    windows = random_windows(num_tokens, num_tokens // 8, 8)
+    window_match = ops.window_match(randn(batch, num_tokens, 16, seed=5), windows, r)
     merged, _ = ops.merge(x, size, *match, protected)
     y = ops.unmerge(x_out, *idx, protected)
     heads, dim = 2, channels // 2
@@ -36,7 +38,7 @@ def every_op(batch, num_tokens, channels, protected=1, r=None):
     loss = (x_out.square().sum() + pos_out.sum() + size_out.sum() + merged.sum() + y.square().sum()
             + attended.square().sum())
     grads = torch.autograd.grad(loss, (x, pos, size))
-    return (x_out, pos_out, size_out, *idx, *match, merged, y, attended, source, *grads)
+    return (x_out, pos_out, size_out, *idx, *match, *window_match, merged, y, attended, source, *grads)
 
 
 def assert_bit_equal(first, second):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from tome_testing import assert_close, reference_outputs, tie_free_metric
+from tome_testing import assert_close, random_windows, reference_outputs, tie_free_metric, window_tie_free_metric
 
 import tome_kernels
 from tome_kernels import layout
@@ -72,6 +72,22 @@ def test_nan_and_inf_metric_match_the_reference(backend, protected):
     for a, e in zip(ops.bipartite_match(metric.to(device), 7, protected), expected):
         torch.testing.assert_close(a.cpu(), e, rtol=0, atol=0)
     assert {6, 12} <= set(expected[1][0, :2].tolist())
+
+
+def test_nan_and_inf_metric_in_windows_match_the_reference(backend):
+    """As bipartite_match, within windows: a NaN score wins its window's argmax (first NaN) and ranks first."""
+    device, _ = backend
+    windows = random_windows(40, 4, 8)
+    metric = window_tie_free_metric(2, 40, windows)
+    a_slots, b_slots = windows[:, 0::2], windows[:, 1::2]
+    metric[0, a_slots[0, 1], 3] = NAN  # an A token
+    metric[0, a_slots[2, 0]] = INF     # an A token
+    metric[1, b_slots[1, 2], 0] = -INF  # a B token: every A token of its window scores NaN
+    expected = reference_outputs(ops.window_match, metric, windows, 9)
+    for a, e in zip(ops.window_match(metric.to(device), windows.to(device), 9), expected):
+        torch.testing.assert_close(a.cpu(), e, rtol=0, atol=0)
+    assert set(expected[1][0, :2].tolist()) == {a_slots[0, 1].item(), a_slots[2, 0].item()}
+    assert set(a_slots[1].tolist()) <= set(expected[1][1].tolist())  # (windows may share that B token)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, NAN, INF, -INF])
@@ -235,6 +251,8 @@ def test_native_ops_with_batch_zero():
         x_out, pos_out, size_out = ops._native_merge(torch.randn(0, 10, 4), None, None, unm, src, dst, 1, False)
         assert x_out.shape == (0, 7, 4) and size_out.shape == (0, 7)
         assert ops._native_unmerge(x_out, unm, src, dst, 1).shape == (0, 10, 4)
+        unm, src, dst = ops._native_window_match(torch.randn(0, 10, 4), torch.tensor([[0, 1, 2, 3]]), 3)
+        assert unm.shape == (0, 3) and src.shape == dst.shape == (0, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,11 +372,23 @@ def test_bad_arguments_to_backward_ops_are_a_clear_error(backend, case):
 def _bad_native_arguments():
     x, q = randn(2, 10, 4), randn(1, 2, 5, 8)
     idx = indices(2, 10, 3, 1)
+    windows = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
     out, lse = reference_outputs(ops._prop_attention, q, q, q, None, 0.3)
     return [
         (ValueError, "r must be >= 0", lambda: ops._native_match(x, -1, 0)),
         (ValueError, "protected must be in [0, N=10]", lambda: ops._native_match(x, 2, 11)),
         (TypeError, "metric must be float16", lambda: ops._native_match(x.int(), 2, 0)),
+        (TypeError, "metric must be float16", lambda: ops._native_window_match(x.int(), windows, 2)),
+        (ValueError, "windows must be an int64 [num_windows, even width]",
+         lambda: ops._native_window_match(x, windows[:, :3], 2)),
+        (ValueError, "windows must be an int64 [num_windows, even width]",
+         lambda: ops._native_window_match(x, windows.double(), 2)),
+        (ValueError, "r must be >= 0", lambda: ops._native_window_match(x, windows, -1)),
+        (ValueError, "windows must hold token positions in [0, N=10), got values in [4, 11]",
+         lambda: ops._native_window_match(x, windows + 4, 2)),
+        (ValueError, "windows must hold even (A) positions", lambda: ops._native_window_match(x, windows.flip(1), 2)),
+        (ValueError, "windows must list each A (even) position at most once",
+         lambda: ops._native_window_match(x, windows[[0, 0]], 2)),
         (ValueError, "metric must have 3 dimensions", lambda: ops._native_match(x[0], 2, 0)),
         (ValueError, "pos must have shape", lambda: ops._native_merge(x, x[:, :9], None, *idx, 1, False)),
         (TypeError, "size must be float16", lambda: ops._native_merge(x, None, torch.ones(2, 10).long(), *idx, 1, False)),

@@ -122,6 +122,14 @@ def test_window_match_reference_rules():
     assert src[0, :2].tolist() == [4, 12] and dst[1, src[1].tolist().index(14)] == 13
 
 
+def test_window_tables_follow_the_parity_split():
+    grid = tome_kernels.layout.grid_windows([(4, 6), (3, 5)], 2, 4)
+    assert grid.tolist() == [[0, 1, 2, 3, 6, 7, 8, 9], [12, 13, 14, 15, 18, 19, 20, 21],
+                             [24, 25, 26, 27, 30, 29, 32, 31]]
+    runs = tome_kernels.layout.segment_windows([(0, 9), (9, 20)], 4)
+    assert runs.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13], [14, 15, 16, 17]]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pos_mode", ["keep", "mean"])

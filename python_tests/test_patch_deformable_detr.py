@@ -175,12 +175,6 @@ def test_query_counts_and_groups(ratio, queries, window):
     assert (counts >= 1).all()
 
 
-def test_grid_windows_follow_the_parity_split():
-    table = deformable._grid_windows([(4, 6), (3, 5)], 2, 4, "cpu")
-    assert table.tolist() == [[0, 1, 2, 3, 6, 7, 8, 9], [12, 13, 14, 15, 18, 19, 20, 21],
-                              [24, 25, 26, 27, 30, 29, 32, 31]]
-
-
 def test_windows_are_local():
     """Windows of 8 consecutive tokens of one level: every member of a group lies within a few tokens of its
     destination (one bipartite step: at most a window apart)."""

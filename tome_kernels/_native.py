@@ -93,7 +93,7 @@ class NativeBackend(Backend):
         return tuple(self.ops._native_attention_backward(grad_out, q, k, v, size, out, lse, scale))
 
 
-# The CPU kernels check index and size values themselves (csrc/cpu/common.h: Groups, check_size_values), with
-# the messages of _validation, in the pass that reads them anyway.
-CPU = NativeBackend("cpu", "cpu", "CPU", priority=20, checked_values=frozenset({"indices", "sizes"}))
+# The CPU kernels check index, size and window values themselves (csrc/cpu/common.h: Groups, check_size_values;
+# csrc/cpu/match.cpp: check_window_values), with the messages of _validation, in the pass that reads them anyway.
+CPU = NativeBackend("cpu", "cpu", "CPU", priority=20, checked_values=frozenset({"indices", "sizes", "windows"}))
 CUDA = NativeBackend("cuda", "cuda", "CUDA", priority=20)

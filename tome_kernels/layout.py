@@ -82,3 +82,38 @@ def groups(num_tokens: int, protected: int, unm_idx, src_idx, dst_idx) -> torch.
     # Out of place, so that the export compositions (tome_kernels.export) can trace it.
     group = torch.zeros(batch, num_tokens, dtype=torch.long, device=rep.device).scatter(1, rep, out_index)
     return group.scatter(1, src_idx, b_output_index(dst_idx, unm_idx.shape[1], protected))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Window tables for ``tome.window_match``: [W, S] token positions, A (even) positions in the even slots
+# ----------------------------------------------------------------------------------------------------
+def grid_windows(shapes, rows: int, cols: int, device=None) -> torch.Tensor:
+    """``rows x cols`` tiles (``cols`` even) of each grid of ``shapes`` ([(height, width)], each flattened
+    row-major, one after the other): a tile row holds as many even as odd positions whatever the offsets, so
+    each tile's even positions go to its even slots. Tokens of the incomplete tiles at the right and bottom
+    edges are in no window."""
+    tables, start = [], 0
+    for height, width in shapes:
+        tiles_y, tiles_x = height // rows, width // cols
+        y = (torch.arange(tiles_y, device=device) * rows).view(-1, 1, 1, 1) + torch.arange(rows, device=device
+                                                                                            ).view(1, 1, -1, 1)
+        x = (torch.arange(tiles_x, device=device) * cols).view(1, -1, 1, 1) + torch.arange(cols, device=device
+                                                                                            ).view(1, 1, 1, -1)
+        tables.append((start + y * width + x).reshape(tiles_y * tiles_x, rows * cols))
+        start += height * width
+    table = torch.cat(tables)
+    by_parity = table.gather(1, (table % 2 * start + table).argsort(dim=1))  # evens, then odds
+    half = rows * cols // 2
+    return torch.stack([by_parity[:, :half], by_parity[:, half:]], dim=-1).flatten(1)
+
+
+def segment_windows(segments, width: int, device=None) -> torch.Tensor:
+    """Windows of ``width`` (even) consecutive tokens inside each segment ``[lo, hi)``, starting at even
+    positions; the tokens left over at a segment's ends are in no window."""
+    starts = []
+    for lo, hi in segments:
+        first = lo + lo % 2
+        count = max(hi - first, 0) // width
+        starts.append(first + width * torch.arange(count, device=device))
+    starts = torch.cat(starts)
+    return starts[:, None] + torch.arange(width, device=device)

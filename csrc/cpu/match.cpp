@@ -11,6 +11,10 @@
 // When tiles hold whole batch rows (ViT), each tile runs the three steps at once in one parallel region;
 // long rows (DETR) run them a step at a time.
 // Tiles depend on the shapes only, not on the thread count, so results are bit-identical for any thread count.
+//
+// Windowed matching (reference.window_match) replaces steps 1-2 by a pass over the windows (normalise the
+// window's tokens, score each A slot against the window's B slots) and ranks as step 3, the unmerged A tokens
+// in position order. Unlisted A tokens score -inf: they rank last, and r never exceeds the listed count.
 #include <torch/library.h>
 
 #include <cmath>
@@ -55,15 +59,54 @@ namespace avx2 = base;
 bool use_avx2() { return false; }
 #endif
 
+template <class acc_t>
+struct RankScratch {  // per thread, reused across batch rows
+  std::vector<std::pair<acc_t, int64_t>> ranked;
+  std::vector<uint8_t> merges;
+};
+
+// Rank one batch row: stable descending sort of the A tokens' best scores (`best_score`, `best_b` [nA]: score
+// and B slot; ties -> lower A position); the first r are the sources, the rest unmerged (re-sorted by
+// position when `by_position`). Writes the row's unm_idx [nA - r], src_idx [r], dst_idx [r].
+template <class acc_t>
+void rank_row(const Layout& layout, bool by_position, const acc_t* best_score, const int64_t* best_b,
+              RankScratch<acc_t>& scratch, int64_t* unm_idx, int64_t* src_idx, int64_t* dst_idx) {
+  const int64_t na = layout.num_a(), r = layout.r;
+  auto& ranked = scratch.ranked;
+  ranked.resize(na);
+  // Descending score, NaN first (as torch.sort), ties to the lower A position: a total order on
+  // (score, position), so an unstable sort of contiguous pairs gives the stable sort's result.
+  const auto before = [](const auto& x, const auto& y) {
+    return x.first > y.first || (x.first == y.first && x.second < y.second);
+  };
+  for (int64_t i = 0; i < na; ++i) {
+    ranked[i] = {std::isnan(best_score[i]) ? std::numeric_limits<acc_t>::infinity() : best_score[i], i};
+  }
+  // With the unmerged in position order, only the r best need sorting.
+  if (by_position) {
+    std::partial_sort(ranked.begin(), ranked.begin() + r, ranked.end(), before);
+  } else {
+    std::sort(ranked.begin(), ranked.end(), before);
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    src_idx[k] = layout.a_position(ranked[k].second);
+    dst_idx[k] = layout.b_position(best_b[ranked[k].second]);
+  }
+  if (by_position) {
+    scratch.merges.assign(na, 0);
+    for (int64_t k = 0; k < r; ++k) scratch.merges[ranked[k].second] = 1;
+    for (int64_t i = 0, k = 0; i < na; ++i) {
+      if (!scratch.merges[i]) unm_idx[k++] = layout.a_position(i);
+    }
+  } else {
+    for (int64_t k = 0; k < na - r; ++k) unm_idx[k] = layout.a_position(ranked[r + k].second);
+  }
+}
+
 // One match call: the three stages as member functions over shared state, run by one of two drivers.
 template <class scalar_t, class acc_t>
 class Matcher {
  public:
-  struct Scratch {  // per thread, reused across batch rows
-    std::vector<std::pair<acc_t, int64_t>> ranked;
-    std::vector<uint8_t> merges;
-  };
-
   Matcher(const at::Tensor& metric, const Layout& layout, int64_t batch, int64_t* unm_idx, int64_t* src_idx,
           int64_t* dst_idx)
       : layout_(layout), batch_(batch), num_tokens_(layout.num_tokens), channels_(metric.size(2)),
@@ -133,40 +176,10 @@ class Matcher {
     }
   }
 
-  // Stage 3, rank batch row b: stable descending sort of the best scores (ties -> lower A position); the
-  // first r are the sources, the rest unmerged (re-sorted by position when protected >= 1).
-  void rank_row(int64_t b, Scratch& scratch) {
-    auto& ranked = scratch.ranked;
-    ranked.resize(na_);
-    // Descending score, NaN first (as torch.sort), ties to the lower A position: a total order on
-    // (score, position), so an unstable sort of contiguous pairs gives the stable sort's result.
-    const auto before = [](const auto& x, const auto& y) {
-      return x.first > y.first || (x.first == y.first && x.second < y.second);
-    };
-    for (int64_t i = 0; i < na_; ++i) {
-      const acc_t score = best_score_[b * na_ + i];
-      ranked[i] = {std::isnan(score) ? std::numeric_limits<acc_t>::infinity() : score, i};
-    }
-    // With protected tokens the unmerged stay in position order, so only the r best need sorting.
-    const bool by_position = layout_.protected_tokens >= 1;
-    if (by_position) {
-      std::partial_sort(ranked.begin(), ranked.begin() + r_, ranked.end(), before);
-    } else {
-      std::sort(ranked.begin(), ranked.end(), before);
-    }
-    for (int64_t k = 0; k < r_; ++k) {
-      src_idx_[b * r_ + k] = layout_.a_position(ranked[k].second);
-      dst_idx_[b * r_ + k] = layout_.b_position(best_b_[b * na_ + ranked[k].second]);
-    }
-    if (by_position) {
-      scratch.merges.assign(na_, 0);
-      for (int64_t k = 0; k < r_; ++k) scratch.merges[ranked[k].second] = 1;
-      for (int64_t i = 0, k = 0; i < na_; ++i) {
-        if (!scratch.merges[i]) unm_idx_[b * nu_ + k++] = layout_.a_position(i);
-      }
-    } else {
-      for (int64_t k = 0; k < nu_; ++k) unm_idx_[b * nu_ + k] = layout_.a_position(ranked[r_ + k].second);
-    }
+  // Stage 3, rank batch row b (the free rank_row).
+  void rank_row(int64_t b, RankScratch<acc_t>& scratch) {
+    tome::cpu::rank_row(layout_, layout_.protected_tokens >= 1, best_score_.data() + b * na_,
+                        best_b_.data() + b * na_, scratch, unm_idx_ + b * nu_, src_idx_ + b * r_, dst_idx_ + b * r_);
   }
 
   // Driver for tiles of whole batch rows (ViT): each tile goes through the three stages at once, in one
@@ -177,7 +190,7 @@ class Matcher {
         std::max<int64_t>(1, 8 * kGrainElements / (rows_per_tile_ * na_ * nb_ * channels_ + 1));
     parallel_chunks(row_groups_, grain, [&](int64_t begin, int64_t end) {
       at::Tensor buffer = new_score_buffer(), tile_tokens = new_tile_tokens();
-      Scratch scratch;
+      RankScratch<acc_t> scratch;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b0 = item * rows_per_tile_, b1 = std::min(batch_, b0 + rows_per_tile_);
         normalise_tokens(b0 * rows_, b1 * rows_, tile_tokens, b0);
@@ -201,7 +214,7 @@ class Matcher {
     });
     const int64_t rank_grain = std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na_, 1));
     parallel_chunks(batch_, rank_grain, [&](int64_t begin, int64_t end) {
-      Scratch scratch;
+      RankScratch<acc_t> scratch;
       for (int64_t b = begin; b < end; ++b) rank_row(b, scratch);
     });
   }
@@ -262,8 +275,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
   return {unm_idx, src_idx, dst_idx};
 }
 
+// The values of a window table (as _validation.check_window_values): positions in [0, N), even in the even
+// (A) slots and odd in the odd (B) slots, no A position twice.
+void check_window_values(const int64_t* windows, int64_t count, const Layout& layout) {
+  const int64_t num_tokens = layout.num_tokens;
+  const auto [low, high] = std::minmax_element(windows, windows + count);
+  TORCH_CHECK_VALUE(*low >= 0 && *high < num_tokens, "tome: windows must hold token positions in [0, N=",
+                    num_tokens, "), got values in [", *low, ", ", *high, "]");
+  for (int64_t k = 0; k < count; ++k) {
+    TORCH_CHECK_VALUE(windows[k] % 2 == k % 2, "tome: windows must hold even (A) positions in its even slots and "
+                      "odd (B) positions in its odd slots");
+  }
+  std::vector<uint8_t> listed(layout.num_a(), 0);
+  for (int64_t k = 0; k < count; k += 2) {
+    TORCH_CHECK_VALUE(!listed[windows[k] / 2]++, "tome: windows must list each A (even) position at most once");
+  }
+}
+
+// Best B of every listed A token within its window, then rank_row per batch row.
+template <class scalar_t, class acc_t>
+void match_windows(const at::Tensor& metric, const int64_t* windows, int64_t num_windows, int64_t width,
+                   const Layout& layout, int64_t batch, int64_t* unm_idx, int64_t* src_idx, int64_t* dst_idx) {
+  const int64_t num_tokens = layout.num_tokens, channels = metric.size(2), na = layout.num_a(), half = width / 2;
+  const scalar_t* data = metric.const_data_ptr<scalar_t>();
+  const auto normalise_row = use_avx2() ? avx2::normalise_row<scalar_t, acc_t> : base::normalise_row<scalar_t, acc_t>;
+  const auto dot = use_avx2() ? avx2::dot<acc_t> : base::dot<acc_t>;
+  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  std::vector<acc_t> best_score(batch * na, -std::numeric_limits<acc_t>::infinity());
+  std::vector<int64_t> best_b(batch * na, 0);
+  const int64_t window_work = (width + half * half) * std::max<int64_t>(channels, 1);
+  parallel_chunks(batch * num_windows, std::max<int64_t>(1, kGrainElements / window_work), [&](int64_t begin,
+                                                                                              int64_t end) {
+    std::vector<acc_t> unit(width * channels);
+    std::vector<uint8_t> has_nan(width);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / num_windows;
+      const int64_t* slots = windows + (item % num_windows) * width;
+      for (int64_t s = 0; s < width; ++s) {
+        has_nan[s] = normalise_row(data + (b * num_tokens + slots[s]) * channels, unit.data() + s * channels,
+                                   channels);
+      }
+      for (int64_t i = 0; i < half; ++i) {
+        // As torch.max over the window's B slots: the first maximum, or the first NaN score.
+        acc_t best = 0;
+        int64_t best_j = -1;
+        for (int64_t j = 0; j < half && !(best_j >= 0 && std::isnan(best)); ++j) {
+          const acc_t score = has_nan[2 * i] || has_nan[2 * j + 1]
+                                  ? kNaN
+                                  : dot(unit.data() + 2 * i * channels, unit.data() + (2 * j + 1) * channels,
+                                        channels);
+          if (best_j < 0 || score > best || std::isnan(score)) {
+            best = score;
+            best_j = j;
+          }
+        }
+        const int64_t a = b * na + slots[2 * i] / 2;
+        best_score[a] = best;
+        best_b[a] = layout.b_slot(slots[2 * best_j + 1]);
+      }
+    }
+  });
+  parallel_chunks(batch, std::max<int64_t>(1, kGrainElements / 8 / std::max<int64_t>(na, 1)),
+                  [&](int64_t begin, int64_t end) {
+                    RankScratch<acc_t> scratch;
+                    for (int64_t b = begin; b < end; ++b) {
+                      rank_row(layout, true, best_score.data() + b * na, best_b.data() + b * na, scratch,
+                               unm_idx + b * layout.num_unmerged(), src_idx + b * layout.r, dst_idx + b * layout.r);
+                    }
+                  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_match(const at::Tensor& metric_in, const at::Tensor& windows_in,
+                                                            int64_t r) {
+  check_float("metric", metric_in, 3);
+  TORCH_CHECK_VALUE(windows_in.device() == metric_in.device(), "tome: tensors must be on one device, got metric ",
+                    metric_in.device(), ", windows ", windows_in.device());
+  const int64_t batch = metric_in.size(0);
+  const Layout layout = window_layout(windows_in, metric_in.size(1), r);
+  const at::Tensor metric = metric_in.contiguous(), windows = windows_in.contiguous();
+  check_window_values(windows.const_data_ptr<int64_t>(), windows.numel(), layout);
+  const auto index_options = metric.options().dtype(at::kLong);
+  at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
+  at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
+  at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
+  if (batch == 0) return {unm_idx, src_idx, dst_idx};
+  if (layout.r == 0) {
+    fill_unmerged_in_order(layout, batch, unm_idx.mutable_data_ptr<int64_t>());
+    return {unm_idx, src_idx, dst_idx};
+  }
+  dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
+    match_windows<decltype(data), decltype(accum)>(metric, windows.const_data_ptr<int64_t>(), windows.size(0),
+                                                   windows.size(1), layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
+                                                   src_idx.mutable_data_ptr<int64_t>(),
+                                                   dst_idx.mutable_data_ptr<int64_t>());
+  });
+  return {unm_idx, src_idx, dst_idx};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tome, CPU, m) { m.impl("_native_match", &match); }
+TORCH_LIBRARY_IMPL(tome, CPU, m) {
+  m.impl("_native_match", &match);
+  m.impl("_native_window_match", &window_match);
+}
 
 }  // namespace tome::cpu

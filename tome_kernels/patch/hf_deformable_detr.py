@@ -16,12 +16,10 @@ layer's input, and reused. ``pos_mode="keep"`` gives a merged query the position
 points of its B destination, ``"mean"`` their size-weighted mean.
 
 Matching: the op contract's bipartite split (A = even, B = odd positions of the flattened multi-scale
-sequence) within windows: ``rows x cols`` tiles of each feature level's grid (default 2 x 4; each tile's
-even positions on its even slots, so the tile-local split is the global one), or ``window`` consecutive
-tokens of one level (starting at even positions), or ``window=None`` (one global match).
-``torch.ops.tome.bipartite_match`` runs on the windows as batch rows with every A merging (each A's best B
-in its window); the candidate pairs are then ranked over the whole image by cosine similarity and the best
-r merge.
+sequence) within windows, ``torch.ops.tome.window_match``: each A token's best B in its window, the pairs
+ranked over the whole image, the best r merge. Windows (:mod:`tome_kernels.layout`): ``rows x cols`` tiles
+of each feature level's grid (default 2 x 4, ``grid_windows``), or ``window`` consecutive tokens of one level
+(``segment_windows``), or ``window=None`` (one global ``bipartite_match``).
 Ratios above one half (a bipartite step merges at most half the tokens) take a second step on the merged
 tokens. The merges are ``torch.ops.tome.merge`` / ``unmerge`` with these indices.
 
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 import tome_kernels  # noqa: F401  (registers torch.ops.tome)
+from tome_kernels import layout
 
 from . import _toolkit as tk
 from .hf_detr import _padding_metric
@@ -45,8 +44,6 @@ __all__ = ["deformable_detr", "apply_patch", "unpatch", "match", "Groups"]
 
 METRICS = ("x+pos", "x", "random")
 POS_MODES = ("keep", "mean")
-# Same-kind candidate pairs score >= 0.6 under the padding metric, cross-kind pairs exactly 0.
-_SAME_KIND = 0.3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,71 +78,29 @@ class Groups:
         return t.gather(1, self.rep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def _windows(segments, window: int, device) -> torch.Tensor:
-    """``[num_windows, window]`` token positions: windows of ``window`` consecutive tokens inside each
-    segment ``[lo, hi)``, starting at even positions (window-local parity = the op's A/B split)."""
-    starts = []
-    for lo, hi in segments:
-        first = lo + lo % 2
-        count = max(hi - first, 0) // window
-        starts.append(first + window * torch.arange(count, device=device))
-    starts = torch.cat(starts)
-    return starts[:, None] + torch.arange(window, device=device)
-
-
-def _grid_windows(shapes, rows: int, cols: int, device) -> torch.Tensor:
-    """``[num_windows, rows * cols]`` token positions: ``rows x cols`` tiles of every level's grid (``cols``
-    even, so a tile row holds as many even as odd positions), each tile's even positions on its even slots
-    and odd ones on its odd slots (the op's A/B split)."""
-    tables, start = [], 0
-    for height, width in shapes:
-        tiles_y, tiles_x = height // rows, width // cols
-        y = (torch.arange(tiles_y, device=device) * rows).view(-1, 1, 1, 1) + torch.arange(rows, device=device
-                                                                                            ).view(1, 1, -1, 1)
-        x = (torch.arange(tiles_x, device=device) * cols).view(1, -1, 1, 1) + torch.arange(cols, device=device
-                                                                                            ).view(1, 1, 1, -1)
-        tables.append((start + y * width + x).reshape(tiles_y * tiles_x, rows * cols))
-        start += height * width
-    table = torch.cat(tables)
-    by_parity = table.gather(1, (table % 2 * start + table).argsort(dim=1))  # evens, then odds
-    half = rows * cols // 2
-    return torch.stack([by_parity[:, :half], by_parity[:, half:]], dim=-1).flatten(1)
-
-
-def _candidates(metric, table):
-    """Every A token's best B: in its window (``table``) or, with ``table=None``, over all tokens.
-    Returns ``(src [B, K], dst [B, K], rest [B, nA - K])`` positions; ``rest``: A tokens with no candidate."""
-    batch, num_tokens, channels = metric.shape
+def _same_kind_pairs(real, table) -> int:
+    """The fewest candidate pairs of one kind (real-real or padding-padding) in any batch row: r is clamped
+    to it, so that no real token merges with padding (cross-kind pairs score 0, same-kind ones >= 0.6, so
+    the op ranks every same-kind pair first). ``table``: the windows, or None (one global match)."""
     if table is None:
-        rest, src, dst = torch.ops.tome.bipartite_match(metric, num_tokens, 0)
-        return src, dst, rest
-    num_windows, window = table.shape
-    local = metric[:, table.flatten()].reshape(batch * num_windows, window, channels)
-    _, src, dst = torch.ops.tome.bipartite_match(local, window, 0)
-    positions = table.repeat(batch, 1)
-    covered = torch.zeros(num_tokens, dtype=torch.bool, device=metric.device)
-    covered[table.flatten()] = True
-    rest = torch.arange(0, num_tokens, 2, device=metric.device)
-    rest = rest[~covered[rest]].expand(batch, -1)
-    return positions.gather(1, src).view(batch, -1), positions.gather(1, dst).view(batch, -1), rest
+        a_kind, b_kind = real[:, None, 0::2], real[:, None, 1::2]
+    else:
+        kinds = real[:, table]
+        a_kind, b_kind = kinds[..., 0::2], kinds[..., 1::2]
+    same = torch.where(a_kind, b_kind.any(-1, keepdim=True), (~b_kind).any(-1, keepdim=True))
+    return int(same.sum((1, 2)).min())  # one host sync per step, padded batches only
 
 
 def _step(metric, real, table, r: int):
-    """One bipartite step: ``(unm_idx, src_idx, dst_idx)`` merging the (at most) r best candidate pairs."""
+    """One bipartite step: ``(unm_idx, src_idx, dst_idx)`` merging the (at most) r best candidate pairs, the
+    unmerged in ascending position (merged tokens stay in spatial order: a second step's windows are local)."""
     if real is not None:
+        r = min(r, _same_kind_pairs(real, table))
         metric = _padding_metric(metric, real)
-    src, dst, rest = _candidates(metric, table)
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    score = (unit.gather(1, src.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-             * unit.gather(1, dst.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))).sum(-1)
-    r = min(r, src.shape[1])
-    if real is not None and r > 0:  # one host sync per step, padded batches only
-        r = min(r, int((score > _SAME_KIND).sum(1).min()))
-    order = score.argsort(dim=1, descending=True, stable=True)
-    src, dst = src.gather(1, order), dst.gather(1, order)
-    unm = torch.cat([src[:, r:], rest], dim=1)
-    # Ascending positions: merged tokens stay in spatial order (a second step's windows are local).
-    return unm.sort(dim=1).values, src[:, :r].contiguous(), dst[:, :r].contiguous()
+    if table is not None:
+        return torch.ops.tome.window_match(metric, table, r)
+    unm_idx, src_idx, dst_idx = torch.ops.tome.bipartite_match(metric, r, 0)
+    return unm_idx.sort(dim=1).values, src_idx, dst_idx
 
 
 def match(metric, real, shapes, r: int, window) -> Groups:
@@ -166,10 +121,10 @@ def match(metric, real, shapes, r: int, window) -> Groups:
         if window is None:
             table = None
         elif isinstance(window, tuple):
-            table = (_grid_windows(shapes, *window, metric.device) if not steps
-                     else _windows(segments, window[0] * window[1], metric.device))
+            table = (layout.grid_windows(shapes, *window, metric.device) if not steps
+                     else layout.segment_windows(segments, window[0] * window[1], metric.device))
         else:
-            table = _windows(segments, window, metric.device)
+            table = layout.segment_windows(segments, window, metric.device)
         unm_idx, src_idx, dst_idx = _step(metric, real, table, r)
         merged = src_idx.shape[1]
         if merged == 0:

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <utility>
 
 #include <tome/layout.h>
@@ -46,6 +47,18 @@ inline Layout match_layout(int64_t num_tokens, int64_t r, int64_t protected_toke
   TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
   check_protected(protected_tokens, num_tokens);
   return Layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
+}
+
+// The layout of a windowed match of `num_tokens` tokens (protected = 0): `windows` an int64 [W, S] table, S
+// even; r >= 0, clamped to the listed A tokens (W * S / 2) and to nA (layout.window_r).
+inline Layout window_layout(const at::Tensor& windows, int64_t num_tokens, int64_t r) {
+  TORCH_CHECK_VALUE(windows.scalar_type() == at::kLong && windows.dim() == 2 && windows.size(1) % 2 == 0,
+                    "tome: windows must be an int64 [num_windows, even width] tensor of token positions, got ",
+                    windows.scalar_type(), " shape ", windows.sizes());
+  TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
+  Layout layout{num_tokens, 0, 0};
+  layout.r = std::min({r, windows.size(0) * (windows.size(1) / 2), layout.num_a()});
+  return layout;
 }
 
 // The shapes of an index triple for `num_tokens` input tokens in `batch` rows, and its layout (r =
