@@ -132,7 +132,7 @@ def match(metric, real, shapes, r: int, window) -> Groups:
         steps.append((unm_idx, src_idx, dst_idx, size))
         metric, size = torch.ops.tome.merge(metric, size, unm_idx, src_idx, dst_idx, 0)
         # The output order is [unmerged A ; every B in order]: its representatives and its level ranges.
-        kept = torch.cat([unm_idx, torch.arange(1, n, 2, device=metric.device).expand(batch, -1)], dim=1)
+        kept = layout.representatives(n, 0, unm_idx)
         rep = rep.gather(1, kept)
         if real is not None:
             real = real.gather(1, kept)
