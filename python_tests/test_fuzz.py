@@ -18,7 +18,8 @@ import os
 
 import pytest
 import torch
-from tome_testing import TOL, assert_close, available, reference_outputs, tie_free_metric
+from tome_testing import (TOL, assert_close, available, random_windows, reference_outputs, tie_free_metric,
+                          window_tie_free_metric)
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tome_kernels
@@ -191,6 +192,69 @@ def test_fuzz_bipartite_match(backend):
                 torch.testing.assert_close(a, e, rtol=0, atol=0)
 
     fuzz(backend, token_case, check)
+
+
+def assert_valid_window_match(metric, windows, r, unm_idx, src_idx, dst_idx):
+    """The indices are a windowed matching of ``metric`` up to rounding: sources listed, each destination a
+    best B of the source's window, sources in descending score order and at least as good as every listed
+    unmerged token, the unmerged A tokens ascending (scores in float64)."""
+    batch, num_tokens, _ = metric.shape
+    r = layout.window_r(r, num_tokens, windows.shape)
+    assert src_idx.shape == dst_idx.shape == (batch, r)
+    check_index_values(None, num_tokens, 0, unm_idx, src_idx, dst_idx)
+    assert (unm_idx.diff(dim=1) > 0).all()
+    if r == 0:
+        return
+    tol = 1e-9 if metric.dtype == torch.float64 else 2e-4
+    unit = metric.double()
+    unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
+    a_pos, b_pos = windows[:, 0::2], windows[:, 1::2]
+    scores = unit[:, a_pos] @ unit[:, b_pos].transpose(-1, -2)  # [B, W, S/2, S/2]
+    best = torch.full((batch, num_tokens), -float("inf"), dtype=torch.float64)
+    best[:, a_pos.flatten()] = scores.max(-1).values.flatten(1)
+    window_of = torch.full((num_tokens,), -1, dtype=torch.long)
+    window_of[a_pos.flatten()] = torch.arange(a_pos.shape[0]).repeat_interleave(a_pos.shape[1])
+    src_best = best.gather(1, src_idx)
+    assert (window_of[src_idx] >= 0).all(), "an unlisted A token merged"
+    chosen = (unit.gather(1, src_idx[..., None].expand(-1, -1, unit.shape[-1]))
+              * unit.gather(1, dst_idx[..., None].expand(-1, -1, unit.shape[-1]))).sum(-1)
+    assert (chosen >= src_best - tol).all(), "a source's destination is not a best B of its window"
+    assert (b_pos[window_of[src_idx]] == dst_idx[..., None]).any(-1).all(), "a destination outside the window"
+    assert (src_best[:, 1:] <= src_best[:, :-1] + tol).all(), "sources not in descending score order"
+    if unm_idx.shape[1]:
+        assert (src_best.min(1).values >= best.gather(1, unm_idx).max(1).values - tol).all(), \
+            "a listed unmerged token scores better than a source"
+
+
+@st.composite
+def window_case(draw, max_tokens, max_channels):
+    """A token case (protected = 0) plus a window table: width 2..16, up to every A token listed."""
+    case = draw(token_case(max_tokens, max_channels))
+    width = 2 * draw(st.integers(1, 8))
+    most = layout.num_a(case["num_tokens"], 0) // (width // 2)
+    num_windows = draw(st.integers(min(1, most), most))
+    r = draw(st.one_of(st.integers(0, num_windows * width // 2 + 2), st.just(2**40)))
+    return dict(case, protected=0, r=r, width=width, num_windows=num_windows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_window_match(backend):
+    def check(case):
+        windows = random_windows(case["num_tokens"], case["num_windows"], case["width"], seed=case["seed"])
+        tie_free = _tie_free(case) and case["seed"] % 2 == 0
+        if tie_free:
+            metric = window_tie_free_metric(case["batch"], case["num_tokens"], windows, 64, case["dtype"],
+                                            seed=case["seed"])
+        else:
+            metric = _metric(case, False)
+        actual = ops.window_match(metric, windows, case["r"])
+        assert_valid_window_match(metric, windows, case["r"], *actual)
+        if tie_free:
+            expected = reference_outputs(ops.window_match, metric, windows, case["r"])
+            for a, e in zip(actual, expected):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+    fuzz(backend, window_case, check)
 
 
 def _inputs(case):
