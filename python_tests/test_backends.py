@@ -40,7 +40,8 @@ def test_the_toy_backend_runs_every_kernel(toy):
         attended = torch.ops.tome.prop_attention(q, q, q, size).view(2, 8, 4)
         torch.ops.tome.unmerge(attended, *indices, 1).sum().backward()
         torch.ops.tome.bipartite_match(x.detach(), 0)  # r = 0 never reaches a backend
-    assert set(toy.calls) == {"match", "merge", "merge_backward", "unmerge", "unmerge_backward", "attention",
+        torch.ops.tome.window_match(x.detach(), torch.tensor([[0, 1, 2, 3]]), 1)
+    assert set(toy.calls) == {"match", "window_match", "merge", "merge_backward", "unmerge", "unmerge_backward", "attention",
                               "attention_backward"}
     assert "toy" in tome_kernels.backend_names() and tome_kernels.available_backends("cpu")["toy"] is None
     assert tome_kernels.available_backends("cuda")["toy"] == "the toy backend takes CPU tensors"

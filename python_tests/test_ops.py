@@ -103,11 +103,13 @@ def test_window_match_indices_equal_reference(backend, case, dtype):
 def test_window_match_reference_rules():
     """The reference, against a loop over windows: best B of the window (first on ties), ranking over the
     row with ties to the lower A position, unmerged A ascending, unlisted A tokens never merging."""
-    windows = torch.tensor([[8, 3, 2, 1], [0, 7, 4, 7], [12, 9, 14, 13]])
-    metric = torch.randn(2, 17, 6, dtype=torch.float64)
-    metric[0, 4] = metric[0, 7]  # an exact best score of 1 ...
-    metric[0, 12] = metric[0, 13]  # ... twice: the lower A position (4) ranks first
-    metric[1, 14] = 0  # a zero vector scores 0 against every B: first slot (13)
+    windows = torch.tensor([[8, 3, 2, 1], [0, 7, 4, 11], [12, 9, 14, 13]])
+    metric = torch.randn(2, 17, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one_hot = torch.eye(6, dtype=torch.float64)[0]
+    metric[0, [4, 7, 12, 9]] = one_hot  # two exact best scores of 1: the lower A position (4) ranks first
+    metric[0, 0] = 2 * one_hot  # a tie within a window (B 7 and B 11): the first slot (7)
+    metric[0, 11] = 3 * one_hot
+    metric[1, 14] = 0  # a zero vector scores 0 against every B: the first slot (9)
     unm, src, dst = reference_outputs(torch.ops.tome.window_match, metric, windows, 5)
     unit = torch.nn.functional.normalize(metric, dim=-1)
     for b in range(2):
@@ -119,7 +121,8 @@ def test_window_match_reference_rules():
         ranked = sorted(best, key=lambda a: (-best[a][0], a))[:5]
         assert src[b].tolist() == ranked and dst[b].tolist() == [best[a][1] for a in ranked]
         assert unm[b].tolist() == sorted(set(range(0, 17, 2)) - set(ranked))
-    assert src[0, :2].tolist() == [4, 12] and dst[1, src[1].tolist().index(14)] == 13
+    assert src[0, :3].tolist() == [0, 4, 12] and dst[0, :3].tolist() == [7, 7, 9]
+    assert best[14] == (0.0, 9)
 
 
 def test_window_tables_follow_the_parity_split():
