@@ -1,4 +1,5 @@
-"""Bipartite soft matching in two launches; the nA x nB score matrix is never written.
+"""Bipartite soft matching (whole rows or within windows) in two launches; the nA x nB score matrix is never
+written.
 
 Math (spec: :func:`tome_kernels.reference.match`): with A = non-protected even tokens and B = non-protected
 odd tokens, ``score[a, b] = <m_a, m_b> / (max(|m_a|, eps) * max(|m_b|, eps))`` (cosine similarity of the
@@ -20,6 +21,16 @@ ties); A tokens are ranked by best score, descending, ties to the lower position
    ``rank - r`` (protected == 0, rank order) or in ascending position (protected >= 1, or r = 0 after the
    clamp: every op then returns its input unchanged); the ascending slots need every rank of the row, so
    the last program of the row to finish writes them all (an arrival counter, zeroed by the fwd kernel).
+
+``window_match`` (spec: :func:`tome_kernels.reference.window_match`) differs only in where each A token looks
+for its partner, so it keeps stage 2 (one split, unmerged slots ascending) and replaces stage 1 with
+``_window_match_fwd_kernel`` (grid: 32-token A blocks x batch, on axis 0). Its programs own A tokens, not
+windows, because every A token's entry must be written, unlisted ones with -inf (they rank last; r never
+reaches them), and the table has no inverse map: windows could not write the unlisted tokens without a fill
+launch before them. Each program finds its tokens' table slots by scanning the table's A column (O(nA x
+listed) compares, as stage 2's ranking), then per token takes cosines with its window's B slots one at a
+time (a runtime loop: any even width, one compile), channel-chunked elementwise products summed in fp32: a
+window's few pairs are too small a matrix for ``tl.dot``, and fp32 products stay full fp32 (no TF32).
 
 Why count instead of ``tl.sort`` or a torch sort: the ranking has to see the whole row, and a torch sort
 is several launches (sort, gathers, the second sort of the unmerged tokens) where the launch budget of a
@@ -246,7 +257,7 @@ def _window_match_fwd_kernel(
             dots += tl.sum(a * b, axis=1)
             ssq_b += tl.sum(b * b, axis=1)
         score = dots * inv_a * (1.0 / tl.maximum(tl.sqrt(ssq_b), NORM_EPS))
-        score = tl.where(score != score, float("inf"), score)  # NaN ranks above every number (see above)
+        score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in _match_fwd_kernel
         better = score > best  # strict: on ties the earlier slot stays
         best = tl.where(better, score, best)
         best_pos = tl.where(better, b_pos, best_pos)
