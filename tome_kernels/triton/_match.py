@@ -267,6 +267,7 @@ def _window_match_fwd_kernel(
     tl.store(best_score_ptr + out, tl.where(listed, best, float("-inf")), mask=mask_a)
     tl.store(best_b_ptr + out, (best_pos // 2).to(tl.int32), mask=mask_a)  # B position 1 + 2 * slot
 
+
 # Rank programs own 16 A tokens each (DETR's nA = 550 at batch 2: 70 programs of 5 compare steps, where one
 # program per image took 81 serial steps); compare tiles of 16 x 128.
 _RANK_BLOCK_I = 16
