@@ -56,6 +56,17 @@ def test_match_grids(batch):
         assert shape["splits"] * shape["b_per_split"] >= n_b > (shape["splits"] - 1) * shape["b_per_split"]
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_window_match_grids(batch):
+    for num_tokens, _, _, _, _ in TOKEN_SHAPES:
+        n_a = reference.num_a(num_tokens, 0)
+        shape = _match.window_launch_shape(batch, n_a)
+        _within_limits(shape["fwd_grid"])
+        _within_limits(shape["rank_grid"])
+        assert shape["fwd_grid"] == (shape["a_blocks"] * batch,)
+        assert shape["a_blocks"] * _match._WINDOW_BLOCK_A >= n_a
+
+
 def test_match_spreads_detr_rows():
     """DETR's encoder rows (N = 1100, batch 2) fill a GPU: B splits for the forward, 16-token rank blocks."""
     shape = _match.launch_shape(2, 550, 550)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from tome_testing import tie_free_metric
+from tome_testing import random_windows, tie_free_metric, window_tie_free_metric
 from torch.library import opcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -145,6 +145,69 @@ def _match_launch_splits(num_tokens):
     from tome_kernels.triton import _match
 
     return _match.launch_shape(1, reference.num_a(num_tokens, 0), reference.num_b(num_tokens, 0))["splits"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# window_match
+# ----------------------------------------------------------------------------------------------------
+WINDOW_CASES = [  # (batch, N, windows, width, r, channels)
+    (2, 64, 8, 8, 12, 24),
+    (1, 41, 21, 2, 21, 16),  # width 2: one A and one B per window, every A listed, r at the clamp
+    (2, 150, 3, 40, 30, 40),  # width 40: 20 B slots per window; most A tokens unlisted
+    (3, 199, 90, 2, 1, 8),  # r = 1; 90 listed A tokens: the table scan takes two steps
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_match_equals_reference(device, case):
+    batch, num_tokens, num_windows, width, r, channels = case
+    windows = random_windows(num_tokens, num_windows, width, seed=num_tokens).to(device)
+    metric = window_tie_free_metric(batch, num_tokens, windows.cpu(), channels, torch.float32, device)
+    for a, b in zip(_backend().window_match(metric, windows, r), reference.window_match(metric, windows, r)):
+        _exact(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_window_match_low_precision_equals_reference(device, dtype):
+    windows = random_windows(197, 12, 8).to(device)
+    metric = window_tie_free_metric(2, 197, windows.cpu(), 64, dtype, device)
+    for a, b in zip(_backend().window_match(metric, windows, 30), reference.window_match(metric, windows, 30)):
+        _exact(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_match_ties_zeros_and_nan(device):
+    """Equal B tokens: the first slot; equal best scores: the lower A position; a zero A vector scores 0
+    against its whole window (first slot); a NaN metric row makes NaN scores, which rank first (first NaN
+    slot, as torch.max). Ties come from equal vectors in one window: computed alike, whatever the rounding."""
+    windows = torch.tensor([[8, 3, 2, 5, 6, 1], [0, 9, 4, 7, 10, 9], [12, 13, 14, 11, 16, 15]], device=device)
+    for nan in (False, True):
+        metric = _randn(2, 19, 8, device=device, seed=3)
+        metric[:, 5] = metric[:, 3]  # window 0: B slots 0 and 1 equal
+        metric[0, 8] = metric[0, 2] = metric[0, 5]  # best score ~1 at slots 0 and 1, for A positions 2 and 8
+        metric[1, 14] = 0
+        if nan:
+            metric[0, 16, 3] = float("nan")  # an A token: NaN against its whole window
+            metric[1, 9, 0] = float("nan")  # a B token (in window 1 twice)
+        for r in (1, 4, 9):
+            got = _backend().window_match(metric, windows, r)
+            for a, b in zip(got, reference.window_match(metric, windows, r)):
+                _exact(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_match_strided_inputs(device):
+    """A metric view with channel and token strides, and a transposed window table through the op."""
+    windows = random_windows(60, 6, 6, seed=2).to(device)
+    base = window_tie_free_metric(2, 60, windows.cpu(), 32, torch.float32, device)
+    metric = torch.zeros(60, 2, 64, device=device).transpose(0, 1)[:, :, ::2]
+    metric.copy_(base)
+    expected = reference.window_match(base, windows, 10)
+    for table in (windows, windows.t().contiguous().t()):
+        for a, b in zip(torch.ops.tome.window_match(metric, table, 10), expected):
+            _exact(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,6 +440,7 @@ def test_opcheck_kernel_ops(device):
     q, k, v = (_randn(1, 2, 10, 16, device=device, seed=s).requires_grad_() for s in (4, 5, 6))
     checks = [
         (ops.bipartite_match.default, (metric, 4, 1)),
+        (ops.window_match.default, (metric, random_windows(13, 3, 4).to(device), 4)),
         (ops._merge.default, (x, pos, size, *idx, 1, "mean")),
         (ops.unmerge.default, (y, *idx, 1)),
         (ops._prop_attention.default, (q, k, v, size[:1, :10], 0.25)),
@@ -452,6 +516,18 @@ def test_tome_layer_takes_three_launches(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_window_match_takes_two_launches(device):
+    """Its own forward kernel, then the rank kernel match uses; no torch op besides allocations."""
+    windows = random_windows(197, 12, 8).to(device)
+    metric = _randn(2, 197, 64, device=device)
+    _backend().window_match(metric, windows, 16)  # warm-up: JIT compile
+    with count_launches() as launches, _TorchOps() as torch_ops:
+        _backend().window_match(metric, windows, 16)
+    assert launches == ["_window_match_fwd_kernel", "_match_rank_kernel"]
+    assert set(torch_ops.ops) <= _ALLOCATIONS, torch_ops.ops
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_backward_launches(device):
     """merge_backward, unmerge, unmerge_backward: one launch each; attention backward: two."""
     x, pos, size, idx, protected = _merge_inputs(MERGE_CASES[2], device, torch.float32)
@@ -474,6 +550,7 @@ def test_cuda_float64_runs_reference():
     with count_launches() as launches:
         _backend().attention(q, k, v, size, scale)
         _backend().match(q[0], 2, 1)
+        _backend().window_match(q[0], torch.tensor([[0, 1, 2, 3]], device="cuda"), 2)
     assert launches == []
 
 

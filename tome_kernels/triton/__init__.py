@@ -6,6 +6,7 @@ Launches per call (all deterministic, no float atomics):
 function               launches  kernels
 =====================  ========  ==========================================================
 match                  2         ``_match_fwd_kernel``, ``_match_rank_kernel``
+window_match           2         ``_window_match_fwd_kernel``, ``_match_rank_kernel``
 merge                  1         ``_merge_fwd_kernel`` (x, pos and size together)
 merge_backward         1         ``_merge_bwd_kernel``
 unmerge                1         ``_merge_bwd_kernel`` (SCALE=False: a pure spread)
@@ -26,13 +27,19 @@ from ._common import runs_kernels
 from . import _match, _merge
 from ._attention import attention, attention_backward
 
-__all__ = ["match", "merge", "merge_backward", "unmerge", "unmerge_backward", "attention", "attention_backward"]
+__all__ = ["match", "window_match", "merge", "merge_backward", "unmerge", "unmerge_backward", "attention", "attention_backward"]
 
 
 def match(metric, r: int, protected: int):
     if not runs_kernels(metric):
         return reference.match(metric, r, protected)
     return _match.match(metric, r, protected)
+
+
+def window_match(metric, windows, r: int):
+    if not runs_kernels(metric):
+        return reference.window_match(metric, windows, r)
+    return _match.window_match(metric, windows, r)
 
 
 def merge(x, pos, size, unm_idx, src_idx, dst_idx, protected: int, pos_mean: bool):

@@ -1,4 +1,5 @@
-"""Bipartite soft matching in two launches; the nA x nB score matrix is never written.
+"""Bipartite soft matching (whole rows or within windows) in two launches; the nA x nB score matrix is never
+written.
 
 Math (spec: :func:`tome_kernels.reference.match`): with A = non-protected even tokens and B = non-protected
 odd tokens, ``score[a, b] = <m_a, m_b> / (max(|m_a|, eps) * max(|m_b|, eps))`` (cosine similarity of the
@@ -20,6 +21,16 @@ ties); A tokens are ranked by best score, descending, ties to the lower position
    ``rank - r`` (protected == 0, rank order) or in ascending position (protected >= 1, or r = 0 after the
    clamp: every op then returns its input unchanged); the ascending slots need every rank of the row, so
    the last program of the row to finish writes them all (an arrival counter, zeroed by the fwd kernel).
+
+``window_match`` (spec: :func:`tome_kernels.reference.window_match`) differs only in where each A token looks
+for its partner, so it keeps stage 2 (one split, unmerged slots ascending) and replaces stage 1 with
+``_window_match_fwd_kernel`` (grid: 32-token A blocks x batch, on axis 0). Its programs own A tokens, not
+windows, because every A token's entry must be written, unlisted ones with -inf (they rank last; r never
+reaches them), and the table has no inverse map: windows could not write the unlisted tokens without a fill
+launch before them. Each program finds its tokens' table slots by scanning the table's A column (O(nA x
+listed) compares, as stage 2's ranking), then per token takes cosines with its window's B slots one at a
+time (a runtime loop: any even width, one compile), channel-chunked elementwise products summed in fp32: a
+window's few pairs are too small a matrix for ``tl.dot``, and fp32 products stay full fp32 (no TF32).
 
 Why count instead of ``tl.sort`` or a torch sort: the ranking has to see the whole row, and a torch sort
 is several launches (sort, gathers, the second sort of the unmerged tokens) where the launch budget of a
@@ -191,6 +202,72 @@ def _match_rank_kernel(
         tl.store(unm_ptr + rank - r, a_pos, mask=mask_i & (rank >= r))
 
 
+
+@triton.jit(do_not_specialize=["num_a", "num_slots", "half", "a_blocks"])
+def _window_match_fwd_kernel(
+    best_score_ptr, best_b_ptr,  # [B, 1, nA] acc dtype, int32 (contiguous): _match_rank_kernel's input
+    arrived_ptr,  # [B] int32: zeroed here for _match_rank_kernel
+    metric_ptr, stride_mb, stride_mn, stride_mc,  # [B, N, C]
+    windows_ptr,  # [W, S] int64 (contiguous): its A slots are the even flat offsets, A slot k at 2k
+    num_a, channels, num_slots, half, a_blocks,  # num_slots = W * S / 2 listed A tokens, half = S / 2
+    ACC_DTYPE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_a = pid % a_blocks
+    batch = pid // a_blocks
+    if pid_a == 0:
+        tl.store(arrived_ptr + batch, 0)
+    ia = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask_a = ia < num_a
+    a_pos = 2 * ia
+
+    # The table slot listing each A token (-1: none), by scanning every A slot of the table.
+    slot = tl.full([BLOCK_A], -1, dtype=tl.int32)
+    for k0 in range(0, num_slots, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        listed_pos = tl.load(windows_ptr + 2 * kk.to(tl.int64), mask=kk < num_slots, other=-1)
+        hit = listed_pos[None, :] == a_pos[:, None]
+        slot = tl.maximum(slot, tl.max(tl.where(hit, kk[None, :], -1), axis=1))
+    listed = mask_a & (slot >= 0)
+    slot = slot.to(tl.int64)
+    b_slots = windows_ptr + (slot // half) * (2 * half) + 1  # B slot 0 of the token's window
+
+    metric_ptr += batch * stride_mb
+    a_rows = metric_ptr + a_pos[:, None] * stride_mn
+    ssq_a = tl.zeros([BLOCK_A], dtype=ACC_DTYPE)
+    for c0 in range(0, channels, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        a = tl.load(a_rows + cols[None, :] * stride_mc, mask=listed[:, None] & (cols < channels)[None, :],
+                    other=0.0).to(ACC_DTYPE)
+        ssq_a += tl.sum(a * a, axis=1)
+    inv_a = 1.0 / tl.maximum(tl.sqrt(ssq_a), NORM_EPS)
+
+    best = tl.full([BLOCK_A], float("-inf"), dtype=ACC_DTYPE)
+    best_pos = tl.zeros([BLOCK_A], dtype=tl.int64)
+    for j in range(0, half):
+        b_pos = tl.load(b_slots + 2 * j, mask=listed, other=0)
+        b_rows = metric_ptr + b_pos[:, None] * stride_mn
+        dots = tl.zeros([BLOCK_A], dtype=ACC_DTYPE)
+        ssq_b = tl.zeros([BLOCK_A], dtype=ACC_DTYPE)
+        for c0 in range(0, channels, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = listed[:, None] & (cols < channels)[None, :]
+            a = tl.load(a_rows + cols[None, :] * stride_mc, mask=mask, other=0.0).to(ACC_DTYPE)
+            b = tl.load(b_rows + cols[None, :] * stride_mc, mask=mask, other=0.0).to(ACC_DTYPE)
+            dots += tl.sum(a * b, axis=1)
+            ssq_b += tl.sum(b * b, axis=1)
+        score = dots * inv_a * (1.0 / tl.maximum(tl.sqrt(ssq_b), NORM_EPS))
+        score = tl.where(score != score, float("inf"), score)  # NaN ranks first, as in _match_fwd_kernel
+        better = score > best  # strict: on ties the earlier slot stays
+        best = tl.where(better, score, best)
+        best_pos = tl.where(better, b_pos, best_pos)
+
+    # Unlisted A tokens rank last (r never reaches them: r <= the listed count) and never merge.
+    out = batch * num_a + ia
+    tl.store(best_score_ptr + out, tl.where(listed, best, float("-inf")), mask=mask_a)
+    tl.store(best_b_ptr + out, (best_pos // 2).to(tl.int32), mask=mask_a)  # B position 1 + 2 * slot
+
+
 # Rank programs own 16 A tokens each (DETR's nA = 550 at batch 2: 70 programs of 5 compare steps, where one
 # program per image took 81 serial steps); compare tiles of 16 x 128.
 _RANK_BLOCK_I = 16
@@ -200,6 +277,11 @@ _RANK_WARPS = 4
 # SMs) or each split is one tile; each split is a multiple of every config's BLOCK_B.
 _TARGET_PROGRAMS = 264
 _SPLIT_GRANULE = max(config.kwargs["BLOCK_B"] for config in _FWD_CONFIGS)
+# Window match: 32 A tokens per program, table scanned 64 A slots a step, 32-channel chunks.
+_WINDOW_BLOCK_A = 32
+_WINDOW_BLOCK_K = 64
+_WINDOW_BLOCK_C = 32
+_WINDOW_WARPS = 4
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -214,38 +296,80 @@ def launch_shape(batch: int, n_a: int, n_b: int) -> dict:
     wanted = min(b_granules, triton.cdiv(_TARGET_PROGRAMS, max(1, a_blocks * batch)))
     b_per_split = triton.cdiv(b_granules, wanted) * _SPLIT_GRANULE
     splits = max(1, triton.cdiv(n_b, b_per_split))
+    return dict(a_blocks=a_blocks, splits=splits, b_per_split=b_per_split,
+                fwd_grid=checked_grid(a_blocks * splits * batch), **_rank_shape(batch, n_a))
+
+
+def window_launch_shape(batch: int, n_a: int) -> dict:
+    """Grids of window_match's two kernels, computed without launching (the grid test calls this)."""
+    a_blocks = triton.cdiv(n_a, _WINDOW_BLOCK_A)
+    return dict(a_blocks=a_blocks, fwd_grid=checked_grid(a_blocks * batch), **_rank_shape(batch, n_a))
+
+
+def _rank_shape(batch: int, n_a: int) -> dict:
     i_blocks = triton.cdiv(n_a, _RANK_BLOCK_I)
-    return dict(a_blocks=a_blocks, splits=splits, b_per_split=b_per_split, i_blocks=i_blocks,
-                fwd_grid=checked_grid(a_blocks * splits * batch), rank_grid=checked_grid(i_blocks * batch))
+    return dict(i_blocks=i_blocks, rank_grid=checked_grid(i_blocks * batch))
+
+
+def _indices(metric: torch.Tensor, n_a: int, r: int):
+    """Empty (unm_idx [B, nA - r], src_idx [B, r], dst_idx [B, r])."""
+    batch, new = metric.shape[0], metric.new_empty
+    return new(batch, n_a - r, dtype=torch.long), new(batch, r, dtype=torch.long), new(batch, r, dtype=torch.long)
+
+
+def _scratch(metric: torch.Tensor, splits: int, n_a: int):
+    """best_score [B, splits, nA] (accumulation dtype), best_b [B, splits, nA] and rank [B, nA] (int32), and the
+    arrival counter [B] (int32; the first kernel zeroes it)."""
+    batch, new = metric.shape[0], metric.new_empty
+    score_dtype = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    return (new(batch, splits, n_a, dtype=score_dtype), new(batch, splits, n_a, dtype=torch.int32),
+            new(batch, n_a, dtype=torch.int32), new(batch, dtype=torch.int32))
+
+
+def _rank(shape: dict, indices, scratch, n_a: int, r: int, protected: int, splits: int, unm_ascending: bool):
+    best_score, best_b, rank, arrived = scratch
+    _match_rank_kernel[shape["rank_grid"]](
+        *indices, rank, arrived, best_score, best_b, n_a, r, reference.first_a(protected),
+        reference.first_b(protected), shape["i_blocks"], splits, UNM_ASCENDING=unm_ascending, BLOCK_I=_RANK_BLOCK_I,
+        BLOCK_J=_RANK_BLOCK_J, num_warps=_RANK_WARPS)
 
 
 def match(metric: torch.Tensor, r: int, protected: int):
     batch, num_tokens, channels = metric.shape
     r = reference.clamp_r(r, num_tokens, protected)
     n_a, n_b = reference.num_a(num_tokens, protected), reference.num_b(num_tokens, protected)
-    new = metric.new_empty
-    unm_idx, src_idx, dst_idx = (new(batch, n_a - r, dtype=torch.long), new(batch, r, dtype=torch.long),
-                                 new(batch, r, dtype=torch.long))
+    indices = _indices(metric, n_a, r)
     if batch == 0 or n_a == 0:
-        return unm_idx, src_idx, dst_idx
+        return indices
     shape = launch_shape(batch, n_a, n_b)
     splits = shape["splits"]
-    best_score = new(batch, splits, n_a, dtype=torch.float64 if metric.dtype == torch.float64 else torch.float32)
-    best_b = new(batch, splits, n_a, dtype=torch.int32)
-    rank = new(batch, n_a, dtype=torch.int32)
-    arrived = new(batch, dtype=torch.int32)
-    first_a, first_b = reference.first_a(protected), reference.first_b(protected)
+    scratch = best_score, best_b, _, arrived = _scratch(metric, splits, n_a)
     with device_guard(metric):
         _match_fwd_kernel[shape["fwd_grid"]](
-            best_score, best_b, arrived, metric, *metric.stride(), n_a, n_b, channels, first_a, first_b,
-            shape["a_blocks"], splits, shape["b_per_split"], next_pow2(channels), next_pow2(n_b),
-            ACC_DTYPE=acc_dtype(metric.dtype), DOT_F32=dot_in_fp32(metric.dtype),
+            best_score, best_b, arrived, metric, *metric.stride(), n_a, n_b, channels, reference.first_a(protected),
+            reference.first_b(protected), shape["a_blocks"], splits, shape["b_per_split"], next_pow2(channels),
+            next_pow2(n_b), ACC_DTYPE=acc_dtype(metric.dtype), DOT_F32=dot_in_fp32(metric.dtype),
             PRECISION=_precision(metric.dtype))
-        _match_rank_kernel[shape["rank_grid"]](
-            unm_idx, src_idx, dst_idx, rank, arrived, best_score, best_b, n_a, r, first_a, first_b,
-            shape["i_blocks"], splits, UNM_ASCENDING=protected >= 1 or r == 0, BLOCK_I=_RANK_BLOCK_I,
-            BLOCK_J=_RANK_BLOCK_J, num_warps=_RANK_WARPS)
-    return unm_idx, src_idx, dst_idx
+        _rank(shape, indices, scratch, n_a, r, protected, splits, unm_ascending=protected >= 1 or r == 0)
+    return indices
+
+
+def window_match(metric: torch.Tensor, windows: torch.Tensor, r: int):
+    """``reference.window_match``, given what the op layer guarantees: r clamped and >= 1, batch >= 1, and
+    ``windows`` contiguous."""
+    batch, num_tokens, channels = metric.shape
+    num_windows, width = windows.shape
+    n_a = reference.num_a(num_tokens, 0)
+    indices = _indices(metric, n_a, r)
+    shape = window_launch_shape(batch, n_a)
+    scratch = best_score, best_b, _, arrived = _scratch(metric, 1, n_a)
+    with device_guard(metric):
+        _window_match_fwd_kernel[shape["fwd_grid"]](
+            best_score, best_b, arrived, metric, *metric.stride(), windows, n_a, channels,
+            num_windows * (width // 2), width // 2, shape["a_blocks"], ACC_DTYPE=acc_dtype(metric.dtype),
+            BLOCK_A=_WINDOW_BLOCK_A, BLOCK_K=_WINDOW_BLOCK_K, BLOCK_C=_WINDOW_BLOCK_C, num_warps=_WINDOW_WARPS)
+        _rank(shape, indices, scratch, n_a, r, 0, 1, unm_ascending=True)
+    return indices
 
 
 def aot_specs() -> list[AotSpec]:
@@ -264,4 +388,11 @@ def aot_specs() -> list[AotSpec]:
             {"unm_ptr": "i64", "src_ptr": "i64", "dst_ptr": "i64", "rank_ptr": "i32", "arrived_ptr": "i32",
              "best_score_ptr": "fp32", "best_b_ptr": "i32"},
             {"UNM_ASCENDING": ascending, "BLOCK_I": _RANK_BLOCK_I, "BLOCK_J": _RANK_BLOCK_J}, num_warps=_RANK_WARPS))
+    for name in AOT_DTYPES:
+        specs.append(AotSpec(
+            _window_match_fwd_kernel, name,
+            {"best_score_ptr": "fp32", "best_b_ptr": "i32", "arrived_ptr": "i32", "metric_ptr": name,
+             "windows_ptr": "i64"},
+            {"stride_mc": 1, "ACC_DTYPE": tl.float32, "BLOCK_A": _WINDOW_BLOCK_A, "BLOCK_K": _WINDOW_BLOCK_K,
+             "BLOCK_C": _WINDOW_BLOCK_C}, num_warps=_WINDOW_WARPS))
     return specs
