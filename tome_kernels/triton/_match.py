@@ -202,7 +202,6 @@ def _match_rank_kernel(
         tl.store(unm_ptr + rank - r, a_pos, mask=mask_i & (rank >= r))
 
 
-
 @triton.jit(do_not_specialize=["num_a", "num_slots", "half", "a_blocks"])
 def _window_match_fwd_kernel(
     best_score_ptr, best_b_ptr,  # [B, 1, nA] acc dtype, int32 (contiguous): _match_rank_kernel's input
