@@ -48,6 +48,17 @@ inline Layout match_layout(int64_t num_tokens, int64_t r, int64_t protected_toke
   return Layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
 }
 
+// The layout of a windowed match (protected = 0) with the window table `windows` (int64 [W, S], S even): r >= 0,
+// clamped by window_r. The values (positions) need the data: each backend checks them itself or leaves them
+// to the Python layer.
+inline Layout window_match_layout(int64_t num_tokens, const at::Tensor& windows, int64_t r) {
+  TORCH_CHECK_VALUE(windows.scalar_type() == at::kLong && windows.dim() == 2 && windows.size(1) % 2 == 0,
+                    "tome: windows must be an int64 [num_windows, even width] tensor of token positions, got ",
+                    windows.scalar_type(), " shape ", windows.sizes());
+  TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
+  return Layout{num_tokens, 0, window_r(r, num_tokens, windows.size(0), windows.size(1))};
+}
+
 // The shapes of an index triple for `num_tokens` input tokens in `batch` rows, and its layout (r =
 // src_idx.size(1)). Each backend checks the values itself (cpu: Groups; cuda: on the device).
 inline Layout check_index_shapes(const at::Tensor& unm_idx, const at::Tensor& src_idx, const at::Tensor& dst_idx,
