@@ -20,7 +20,7 @@ from typing import Callable, ContextManager
 
 import pytest
 import torch
-from tome_testing import tie_free_metric
+from tome_testing import random_windows, tie_free_metric, window_tie_free_metric
 
 import cuda_emulation
 import tome_kernels
@@ -146,6 +146,67 @@ def test_match_nan_metric_gives_valid_indices(target):
     a_tokens = torch.cat([unm, src], 1).sort().values
     assert torch.equal(a_tokens, torch.arange(2, 41, 2)[None])
     assert src[0, 0] == 6 and bool((dst % 2 == 1).all())
+
+
+# (batch, N, windows, width, r): ViT-B/16 in 4 x 4 windows of 2 x 2 tokens, unlisted A tokens with r past the
+# listed ones, single-slot windows, a wide window, one token, no windows.
+WINDOW_SHAPES = [(2, 197, 12, 8, 40), (1, 61, 4, 6, 50), (3, 9, 4, 2, 3), (2, 40, 1, 40, 7), (1, 1, 0, 4, 2),
+                 (2, 20, 0, 6, 3)]
+WINDOW_IDS = [f"B{b}-N{n}-W{w}x{s}-r{r}" for b, n, w, s, r in WINDOW_SHAPES]
+
+
+def _window_match(target, metric, windows, r):
+    """The emulated or real kernel against reference.window_match, index for index."""
+    actual = target.native._native_window_match(metric, windows.to(target.device), r)
+    expected = reference.window_match(metric.cpu(), windows.cpu(), r)
+    for a, e in zip(actual, expected):
+        assert a.is_contiguous()
+        assert_equal(a, e)
+    return [a.cpu() for a in actual]
+
+
+@pytest.mark.parametrize("shape", WINDOW_SHAPES, ids=WINDOW_IDS)
+@pytest.mark.parametrize("dtype", HALF + (torch.float64,))
+def test_window_match_exact_on_tie_free_data(target, shape, dtype):
+    batch, num_tokens, num_windows, width, r = shape
+    windows = (random_windows(num_tokens, num_windows, width, seed=num_tokens) if num_windows
+               else torch.empty(0, width, dtype=torch.long))
+    metric = window_tie_free_metric(batch, num_tokens, windows, 64, dtype, target.device, seed=num_tokens)
+    _window_match(target, metric, windows, r)
+
+
+@pytest.mark.parametrize("channels", [1, 4, 256])  # exact normalisation; 256: several channels per lane
+def test_window_match_ties_go_to_the_lower_position(target, channels):
+    """Identical and zero vectors: the first best B slot wins, equal best scores rank by A position, and r past
+    the listed A tokens merges only those."""
+    metric = torch.ones(2, 131, channels, device=target.device)
+    metric[1, ::3] = 0
+    windows = random_windows(131, 9, 6, seed=3)
+    _, src, _ = _window_match(target, metric, windows, 40)
+    assert src.shape == (2, 27)
+
+
+def test_window_match_nan_metric_gives_valid_indices(target):
+    """A NaN score wins its window and ranks first (as torch.max / torch.sort), ties between NaNs to the lower
+    position: still a permutation of the A tokens."""
+    windows = random_windows(41, 5, 4, seed=1)
+    metric = window_tie_free_metric(1, 41, windows, 64, torch.float32, target.device)
+    metric[0, windows[0, 2]] = float("nan")  # an A token
+    metric[0, windows[3, 1]] = float("nan")  # a B token: both A tokens of window 3
+    unm, src, dst = _window_match(target, metric, windows, 6)
+    assert sorted(src[0, :3].tolist()) == src[0, :3].tolist()
+    assert torch.equal(torch.cat([unm, src], 1).sort().values, torch.arange(0, 41, 2)[None])
+
+
+def test_window_match_checks_its_arguments(target):
+    metric = torch.randn(1, 10, 4, device=target.device)
+    windows = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], device=target.device)
+    with pytest.raises(ValueError, match=r"windows must be an int64 \[num_windows, even width\]"):
+        target.native._native_window_match(metric, windows[:, :3], 2)
+    with pytest.raises(ValueError, match=r"windows must be an int64 \[num_windows, even width\]"):
+        target.native._native_window_match(metric, windows.int(), 2)
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        target.native._native_window_match(metric, windows, -1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_match(const at::Tensor& me
   TORCH_CHECK_VALUE(windows_in.device() == metric_in.device(), "tome: tensors must be on one device, got metric ",
                     metric_in.device(), ", windows ", windows_in.device());
   const int64_t batch = metric_in.size(0);
-  const Layout layout = window_layout(windows_in, metric_in.size(1), r);
+  const Layout layout = window_match_layout(metric_in.size(1), windows_in, r);
   const at::Tensor metric = metric_in.contiguous(), windows = windows_in.contiguous();
   check_window_values(windows.const_data_ptr<int64_t>(), windows.numel(), layout);
   const auto index_options = metric.options().dtype(at::kLong);

@@ -13,6 +13,11 @@
 // 4. unmerged_order_kernel (protected >= 1): unmerged A tokens in ascending position, slot = number of
 //    unmerged A tokens before it.
 // With r == 0 nothing is ranked: unm_idx is every A token in ascending position (reference.py).
+//
+// Windowed matching (reference.window_match) replaces step 2 by window_partner_kernel (one warp per listed A
+// token against the B slots of its window); A tokens no window lists keep a best score of -inf, so they rank
+// after every listed one and never merge (r <= the listed count). unm_idx is always in ascending position
+// (step 4).
 #include <algorithm>
 
 #include "common.cuh"
@@ -177,9 +182,52 @@ __global__ void combine_kernel(const acc* split_score, const int32_t* split_b, i
   best_b[item] = partner;
 }
 
+// One warp per (batch row, listed A token): cosine similarity with each B slot of its window in slot order, so
+// the strict comparison keeps the first maximum (and the first NaN, as torch.max). All lanes hold the same sum.
+template <typename scalar_t>
+__global__ void window_partner_kernel(const scalar_t* metric, const acc_t<scalar_t>* norm, const int64_t* windows,
+                                      Layout layout, int64_t channels, int64_t num_windows, int64_t width,
+                                      int64_t items, acc_t<scalar_t>* best_score, int32_t* best_b) {
+  using acc = acc_t<scalar_t>;
+  const int64_t item = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (item >= items) return;  // whole warps
+  const int64_t a_slots = num_windows * (width / 2);
+  const int64_t batch = item / a_slots, a_slot = item % a_slots;
+  const int64_t* window = windows + a_slot / (width / 2) * width;
+  const int64_t a_pos = window[2 * (a_slot % (width / 2))];
+  CUDA_KERNEL_ASSERT_MSG(layout.is_a_position(a_pos), "tome: windows holds a position that is not an A token");
+  const scalar_t* rows = metric + batch * layout.num_tokens * channels;
+  const acc* row_norm = norm + batch * layout.num_tokens;
+  acc best = -std::numeric_limits<acc>::infinity();
+  int64_t best_pos = window[1];
+  for (int64_t j = 1; j < width; j += 2) {
+    const int64_t b_pos = window[j];
+    CUDA_KERNEL_ASSERT_MSG(layout.is_b_position(b_pos), "tome: windows holds a position that is not a B token");
+    acc dot = 0;
+    for (int64_t c = lane; c < channels; c += kWarpSize) {
+      dot += normalised(rows, row_norm, a_pos, c, channels, true) *
+             normalised(rows, row_norm, b_pos, c, channels, true);
+    }
+    dot = warp_sum(dot);
+    if (score_above(dot, best)) {
+      best = dot;
+      best_pos = b_pos;
+    }
+  }
+  if (lane == 0) {
+    const int64_t a = (a_pos - layout.first_a()) / 2;
+    best_score[batch * layout.num_a() + a] = best;
+    best_b[batch * layout.num_a() + a] = static_cast<int32_t>(layout.b_slot(best_pos));
+  }
+}
+
+// unm_in_rank_order: write the unmerged A tokens too, in rank order (protected == 0 of bipartite matching);
+// otherwise unmerged_order_kernel writes them in ascending position.
 template <typename acc>
 __global__ void rank_kernel(const acc* best_score, const int32_t* best_b, Layout layout, int64_t tiles,
-                            int32_t* rank, int64_t* unm_idx, int64_t* src_idx, int64_t* dst_idx) {
+                            bool unm_in_rank_order, int32_t* rank, int64_t* unm_idx, int64_t* src_idx,
+                            int64_t* dst_idx) {
   const int64_t batch = blockIdx.x / tiles;
   const int64_t i = (blockIdx.x % tiles) * blockDim.x + threadIdx.x;
   const int64_t num_a = layout.num_a(), r = layout.r;
@@ -192,7 +240,7 @@ __global__ void rank_kernel(const acc* best_score, const int32_t* best_b, Layout
   if (rank_i < r) {
     src_idx[batch * r + rank_i] = layout.a_position(i);
     dst_idx[batch * r + rank_i] = layout.b_position(best_b[batch * num_a + i]);
-  } else if (layout.protected_tokens == 0) {
+  } else if (unm_in_rank_order) {
     unm_idx[batch * layout.num_unmerged() + rank_i - r] = layout.a_position(i);
   }
 }
@@ -209,11 +257,12 @@ __global__ void unmerged_order_kernel(const int32_t* rank, Layout layout, int64_
   unm_idx[batch * layout.num_unmerged() + slot] = layout.a_position(i);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r,
-                                                     int64_t protected_tokens) {
-  check_float(metric_in, "metric", 3);
+// The stages every match shares: outputs, the no-merge case, norms and ranking. find_best(scalar_t{}, norm,
+// best_score, best_b) launches what fills best_score [batch, nA] and best_b (B index) [batch, nA] in between.
+template <typename FindBest>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ranked_match(const at::Tensor& metric_in, const Layout& layout,
+                                                            bool unm_in_rank_order, FindBest find_best) {
   const int64_t batch = metric_in.size(0), num_tokens = metric_in.size(1), channels = metric_in.size(2);
-  const Layout layout = match_layout(num_tokens, r, protected_tokens);
   TORCH_CHECK_VALUE(num_tokens <= std::numeric_limits<int32_t>::max(), "tome: N=", num_tokens, " tokens is too many");
   const c10::cuda::CUDAGuard guard(metric_in.device());
   const at::Tensor metric = metric_in.contiguous();
@@ -235,19 +284,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
   const at::Tensor best_score = at::empty({batch, num_a}, acc_options);
   const at::Tensor best_b = at::empty({batch, num_a}, int_options);
   const at::Tensor rank = at::empty({batch, num_a}, int_options);
+  const int64_t rank_tiles = ceil_div(num_a, kRankThreads);
 
   TOME_DISPATCH_FLOATS(metric.scalar_type(), "tome_match_cuda", [&] {
     using acc = acc_t<scalar_t>;
     constexpr int kNormThreads = 256;
     launch(norm_kernel<scalar_t>, ceil_div(batch * num_tokens, kNormThreads / kWarpSize), kNormThreads, 0,
            metric.const_data_ptr<scalar_t>(), batch * num_tokens, channels, norm.data_ptr<acc>());
+    find_best(scalar_t{}, metric, norm, best_score, best_b);
+    launch(rank_kernel<acc>, batch * rank_tiles, kRankThreads, 0, best_score.const_data_ptr<acc>(),
+           best_b.const_data_ptr<int32_t>(), layout, rank_tiles, unm_in_rank_order, rank.data_ptr<int32_t>(),
+           unm_idx.data_ptr<int64_t>(), src_idx.data_ptr<int64_t>(), dst_idx.data_ptr<int64_t>());
+  });
+  if (!unm_in_rank_order) {
+    launch(unmerged_order_kernel, batch * rank_tiles, kRankThreads, 0, rank.const_data_ptr<int32_t>(), layout,
+           rank_tiles, unm_idx.data_ptr<int64_t>());
+  }
+  return {unm_idx, src_idx, dst_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r,
+                                                     int64_t protected_tokens) {
+  check_float(metric_in, "metric", 3);
+  const Layout layout = match_layout(metric_in.size(1), r, protected_tokens);
+  const auto find_best = [&](auto scalar, const at::Tensor& metric, const at::Tensor& norm,
+                             const at::Tensor& best_score, const at::Tensor& best_b) {
+    using scalar_t = decltype(scalar);
+    using acc = acc_t<scalar_t>;
+    const int64_t batch = metric.size(0), channels = metric.size(2), num_a = layout.num_a();
     const int64_t a_tiles = ceil_div(num_a, kMatchTile);
     const int64_t b_tiles = std::max(ceil_div(layout.num_b(), kMatchTile), int64_t{1});
     const int64_t wanted = std::min(ceil_div(kTargetBlocks, batch * a_tiles), b_tiles);
     const int64_t b_per_split = ceil_div(b_tiles, wanted) * kMatchTile;
     const int64_t splits = std::max(ceil_div(layout.num_b(), b_per_split), int64_t{1});
-    const at::Tensor split_score = splits > 1 ? at::empty({batch, splits, num_a}, acc_options) : best_score;
-    const at::Tensor split_b = splits > 1 ? at::empty({batch, splits, num_a}, int_options) : best_b;
+    const at::Tensor split_score = splits > 1 ? at::empty({batch, splits, num_a}, best_score.options()) : best_score;
+    const at::Tensor split_b = splits > 1 ? at::empty({batch, splits, num_a}, best_b.options()) : best_b;
     launch(best_partner_kernel<scalar_t>, batch * a_tiles * splits, kMatchThreads, 0,
            metric.const_data_ptr<scalar_t>(), norm.const_data_ptr<acc>(), layout, channels, a_tiles, splits,
            b_per_split, split_score.data_ptr<acc>(), split_b.data_ptr<int32_t>());
@@ -256,20 +327,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in
              split_score.const_data_ptr<acc>(), split_b.const_data_ptr<int32_t>(), num_a, splits, batch * num_a,
              best_score.data_ptr<acc>(), best_b.data_ptr<int32_t>());
     }
-    const int64_t rank_tiles = ceil_div(num_a, kRankThreads);
-    launch(rank_kernel<acc>, batch * rank_tiles, kRankThreads, 0, best_score.const_data_ptr<acc>(),
-           best_b.const_data_ptr<int32_t>(), layout, rank_tiles, rank.data_ptr<int32_t>(),
-           unm_idx.data_ptr<int64_t>(), src_idx.data_ptr<int64_t>(), dst_idx.data_ptr<int64_t>());
-  });
-  if (protected_tokens > 0) {
-    const int64_t rank_tiles = ceil_div(num_a, kRankThreads);
-    launch(unmerged_order_kernel, batch * rank_tiles, kRankThreads, 0, rank.const_data_ptr<int32_t>(), layout,
-           rank_tiles, unm_idx.data_ptr<int64_t>());
-  }
-  return {unm_idx, src_idx, dst_idx};
+  };
+  return ranked_match(metric_in, layout, protected_tokens == 0, find_best);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_match(const at::Tensor& metric_in, const at::Tensor& windows_in,
+                                                            int64_t r) {
+  check_float(metric_in, "metric", 3);
+  check_device(windows_in, "windows", metric_in);
+  const Layout layout = window_match_layout(metric_in.size(1), windows_in, r);
+  const at::Tensor windows = windows_in.contiguous();
+  const auto find_best = [&](auto scalar, const at::Tensor& metric, const at::Tensor& norm,
+                             const at::Tensor& best_score, const at::Tensor& best_b) {
+    using scalar_t = decltype(scalar);
+    using acc = acc_t<scalar_t>;
+    // Unlisted A tokens rank last; B index 0 keeps dst_idx a B position even for a table that repeats an A
+    // position (unchecked on the GPU), where an unlisted A token could rank below r.
+    best_score.fill_(-std::numeric_limits<double>::infinity());
+    best_b.zero_();
+    const int64_t num_windows = windows.size(0), width = windows.size(1);
+    const int64_t items = metric.size(0) * num_windows * (width / 2);
+    constexpr int kWindowThreads = 256;
+    launch(window_partner_kernel<scalar_t>, ceil_div(items, kWindowThreads / kWarpSize), kWindowThreads, 0,
+           metric.const_data_ptr<scalar_t>(), norm.const_data_ptr<acc>(), windows.const_data_ptr<int64_t>(), layout,
+           metric.size(2), num_windows, width, items, best_score.data_ptr<acc>(), best_b.data_ptr<int32_t>());
+  };
+  return ranked_match(metric_in, layout, false, find_best);
 }
 
 }  // namespace
 }  // namespace tome::cuda
 
-TORCH_LIBRARY_IMPL(tome, CUDA, m) { m.impl("_native_match", &tome::cuda::match); }
+TORCH_LIBRARY_IMPL(tome, CUDA, m) {
+  m.impl("_native_match", &tome::cuda::match);
+  m.impl("_native_window_match", &tome::cuda::window_match);
+}

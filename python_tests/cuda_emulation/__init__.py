@@ -19,8 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 NAMESPACE = "tome_emu"
 BACKEND_NAME = "cuda_emulation"
-NATIVE_OPS = ("_native_match", "_native_merge", "_native_bipartite_merge", "_native_merge_backward",
-              "_native_unmerge", "_native_unmerge_backward", "_native_attention", "_native_attention_backward")
+NATIVE_OPS = ("_native_match", "_native_window_match", "_native_merge", "_native_bipartite_merge",
+              "_native_merge_backward", "_native_unmerge", "_native_unmerge_backward", "_native_attention",
+              "_native_attention_backward")
 
 # (file pattern, exact text, replacement): each text must occur in every file the pattern names, so a
 # change to the CUDA sources that breaks the emulation fails loudly here.

@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <utility>
 
 #include <tome/layout.h>
@@ -49,16 +48,15 @@ inline Layout match_layout(int64_t num_tokens, int64_t r, int64_t protected_toke
   return Layout{num_tokens, protected_tokens, clamp_r(r, num_tokens, protected_tokens)};
 }
 
-// The layout of a windowed match of `num_tokens` tokens (protected = 0): `windows` an int64 [W, S] table, S
-// even; r >= 0, clamped to the listed A tokens (W * S / 2) and to nA (layout.window_r).
-inline Layout window_layout(const at::Tensor& windows, int64_t num_tokens, int64_t r) {
+// The layout of a windowed match (protected = 0) with the window table `windows` (int64 [W, S], S even): r >= 0,
+// clamped by window_r. The values (positions) need the data: each backend checks them itself or leaves them
+// to the Python layer.
+inline Layout window_match_layout(int64_t num_tokens, const at::Tensor& windows, int64_t r) {
   TORCH_CHECK_VALUE(windows.scalar_type() == at::kLong && windows.dim() == 2 && windows.size(1) % 2 == 0,
                     "tome: windows must be an int64 [num_windows, even width] tensor of token positions, got ",
                     windows.scalar_type(), " shape ", windows.sizes());
   TORCH_CHECK_VALUE(r >= 0, "tome: r must be >= 0, got ", r);
-  Layout layout{num_tokens, 0, 0};
-  layout.r = std::min({r, windows.size(0) * (windows.size(1) / 2), layout.num_a()});
-  return layout;
+  return Layout{num_tokens, 0, window_r(r, num_tokens, windows.size(0), windows.size(1))};
 }
 
 // The shapes of an index triple for `num_tokens` input tokens in `batch` rows, and its layout (r =

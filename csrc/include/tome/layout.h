@@ -23,6 +23,14 @@ TOME_HOST_DEVICE int64_t clamp_r(int64_t r, int64_t num_tokens, int64_t protecte
   return r < 0 ? 0 : (r < limit ? r : limit);
 }
 
+// The merges a windowed match of a [num_windows, width] table makes (layout.window_r): at most one per A
+// slot of the table, and at most one per A token (protected = 0).
+TOME_HOST_DEVICE int64_t window_r(int64_t r, int64_t num_tokens, int64_t num_windows, int64_t width) {
+  const int64_t slots = num_windows * (width / 2), num_a = (num_tokens + 1) / 2;
+  const int64_t limit = slots < num_a ? slots : num_a;
+  return r < 0 ? 0 : (r < limit ? r : limit);
+}
+
 struct Layout {
   int64_t num_tokens;  // N, input tokens
   int64_t protected_tokens;
