@@ -26,6 +26,7 @@ def _calls():
     size = torch.rand(2, 33, 1) + 1
     metric = tie_free_metric(2, 33, 64)
     idx = ops.bipartite_match(metric, 10, 1)
+    windows = torch.arange(32).view(4, 8)
     q = torch.randn(2, 2, 17, 8, requires_grad=True)
     source = torch.eye(33).expand(2, 33, 33)
 
@@ -34,6 +35,7 @@ def _calls():
 
     return {
         "bipartite_match": lambda: ops.bipartite_match(metric, 10, 1),
+        "window_match": lambda: ops.window_match(metric, windows, 6),
         "bipartite_merge": lambda: backward(*ops.bipartite_merge(x, x, size, 10, metric=metric, protected=1)[:3]),
         "merge": lambda: backward(*ops.merge(x, size, *idx, 1)),
         "unmerge": lambda: backward(ops.unmerge(x[:, :23], *idx, 1)),
