@@ -4,6 +4,8 @@ models equal eager, through one graph with a dynamic batch."""
 import pytest
 import torch
 
+from tome_testing import random_windows
+
 import tome_kernels
 from tome_kernels import export
 
@@ -77,6 +79,35 @@ def test_other_compositions_equal_ops(num_tokens, r, protected):
     torch.testing.assert_close(lse_c, lse, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_tokens,num_windows,width,r", [(64, 8, 8, 12), (37, 5, 4, 100), (50, 6, 2, 0)])
+def test_window_match_composition_equals_op(num_tokens, num_windows, width, r):
+    windows = random_windows(num_tokens, num_windows, width, seed=num_tokens)
+    for metric in (tied_metric(3, num_tokens, 6, seed=2), torch.randn(3, num_tokens, 16)):
+        expected = torch.ops.tome.window_match(metric, windows, r)
+        got = export.decompositions()[torch.ops.tome.window_match.default](metric, windows, r)
+        for e, g in zip(expected, got):
+            assert g.dtype == torch.int64
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+class _Defaults(torch.nn.Module):
+    """Every op with its optional arguments left out (the graph then omits them)."""
+
+    def forward(self, x, metric):
+        indices = torch.ops.tome.bipartite_match(metric, 7)
+        merged, size = torch.ops.tome.merge(x, None, *indices)
+        source = torch.ops.tome.merge_source(torch.eye(x.shape[1]).expand(x.shape[0], -1, -1), *indices)
+        return torch.ops.tome.unmerge(merged * size, *indices), source, *indices
+
+
+def test_compositions_keep_the_schema_defaults():
+    inputs = (torch.randn(2, 21, 4), tied_metric(2, 21, 6, seed=5))
+    program = export.export_program(_Defaults(), inputs, dynamic_batch=False, decompose=True)
+    assert not [node for node in program.graph.nodes if "tome" in str(node.target)]
+    for e, g in zip(_Defaults()(*inputs), program.module()(*inputs)):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
 class _Step(torch.nn.Module):
     def __init__(self, r, protected):
         super().__init__()
@@ -102,6 +133,32 @@ def test_onnx_op_follows_the_contract_on_ties(tmp_path, num_tokens, r, protected
         got = session.run(None, {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), inputs)})
         assert len(got) == len(expected)
         for e, g in zip(expected, got):
+            torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-6, atol=1e-6)
+
+
+class _WindowStep(torch.nn.Module):
+    """The dense form (match, merge, unmerge) with windows as a constant of the graph."""
+
+    def __init__(self, windows, r):
+        super().__init__()
+        self.register_buffer("windows", windows)
+        self.r = r
+
+    def forward(self, x, metric):
+        indices = torch.ops.tome.window_match(metric, self.windows, self.r)
+        merged, size = torch.ops.tome.merge(x, None, *indices)  # protected left at its default
+        return (torch.ops.tome.unmerge(merged * size, *indices), *indices)
+
+
+def test_onnx_window_match_follows_the_contract_on_ties(tmp_path):
+    step = _WindowStep(random_windows(90, 9, 8, seed=1), 25)
+    path = str(tmp_path / "window.onnx")
+    export.export_onnx(step, (torch.randn(2, 90, 8), tied_metric(2, 90, 6)), path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch, seed in ((1, 3), (4, 4)):
+        inputs = (torch.randn(batch, 90, 8), tied_metric(batch, 90, 6, seed=seed))
+        got = session.run(None, {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), inputs)})
+        for e, g in zip(step(*inputs), got):
             torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-6, atol=1e-6)
 
 

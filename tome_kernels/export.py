@@ -28,35 +28,68 @@ __all__ = ["decompositions", "export_program", "export_onnx"]
 # The ops as out-of-place ATen compositions (N is static per call). merge, unmerge and merge_source are the
 # reference's own; the match is not, since a stable sort has no ONNX translation.
 # ----------------------------------------------------------------------------------------------------
-def _match(metric, r: int, protected: int):
-    batch, num_tokens, _ = metric.shape
+def _identity_match(metric, num_a: int, first_a: int):
+    batch = metric.shape[0]
+    unm_idx = first_a + 2 * torch.arange(num_a, device=metric.device).expand(batch, num_a)
+    empty = metric.new_zeros(batch, 0, dtype=torch.long)
+    return unm_idx.clone(), empty, empty.clone()
+
+
+def _unit(metric):
+    metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
+
+
+def _rank_slots(best_score, r: int, unm_ascending: bool):
+    """``(unm_slots, src_slots)``: the A slots ranked by best score (descending, ties to the lower slot; the
+    first r merge), the unmerged in rank order or ascending. The rank is the number of A tokens ranked
+    before: counting keeps the contract's tie order exactly, whatever a runtime's TopK does with ties."""
+    batch, num_a = best_score.shape
+    slot = torch.arange(num_a, device=best_score.device)
+    higher = best_score.unsqueeze(1) > best_score.unsqueeze(2)
+    tied_before = (best_score.unsqueeze(1) == best_score.unsqueeze(2)) & (slot < slot.unsqueeze(1))
+    rank = (higher | tied_before).sum(dim=-1)
+    if unm_ascending:  # unmerged A in ascending position, behind them the sources in rank order
+        unmerged = rank >= r
+        rank = torch.where(unmerged, unmerged.long().cumsum(dim=-1) - 1, num_a - r + rank)
+    order = torch.zeros_like(rank).scatter(1, rank, slot.expand(batch, num_a))  # the inverse permutation
+    if unm_ascending:
+        return order[:, :num_a - r], order[:, num_a - r:]
+    return order[:, r:], order[:, :r]
+
+
+def _match(metric, r: int, protected: int = 0):
+    num_tokens = metric.shape[1]
     r = layout.clamp_r(r, num_tokens, protected)
     first_a, first_b = layout.first_a(protected), layout.first_b(protected)
     num_a = layout.num_a(num_tokens, protected)
     if r == 0 or layout.num_b(num_tokens, protected) == 0:
-        unm_idx = layout.a_positions(num_tokens, protected, metric.device).expand(batch, num_a)
-        empty = metric.new_zeros(batch, 0, dtype=torch.long)
-        return unm_idx.clone(), empty, empty.clone()
-    metric = metric.to(torch.promote_types(metric.dtype, torch.float32))
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(reference.NORM_EPS)
+        return _identity_match(metric, num_a, first_a)
+    metric = _unit(metric)
     scores = metric[:, first_a::2] @ metric[:, first_b::2].transpose(1, 2)
     best_score, best_b = scores.max(dim=-1)  # ArgMax: the first maximum, the contract's tie rule
-    # rank = the number of A tokens ranked before: a higher best score, or an equal one at a lower position.
-    # Counting keeps the contract's tie order exactly, whatever a runtime's TopK does with ties.
-    slot = torch.arange(num_a, device=metric.device)
-    higher = best_score.unsqueeze(1) > best_score.unsqueeze(2)
-    tied_before = (best_score.unsqueeze(1) == best_score.unsqueeze(2)) & (slot < slot.unsqueeze(1))
-    rank = (higher | tied_before).sum(dim=-1)
-    if protected >= 1:  # unmerged A in ascending position, behind them the sources in rank order
-        unmerged = rank >= r
-        rank = torch.where(unmerged, unmerged.long().cumsum(dim=-1) - 1, num_a - r + rank)
-    order = torch.zeros_like(rank).scatter(1, rank, slot.expand(batch, num_a))  # the inverse permutation
-    if protected >= 1:
-        unm_rank, src_rank = order[:, :num_a - r], order[:, num_a - r:]
-    else:
-        src_rank, unm_rank = order[:, :r], order[:, r:]
-    dst_slot = best_b.gather(1, src_rank)
-    return first_a + 2 * unm_rank, first_a + 2 * src_rank, first_b + 2 * dst_slot
+    unm_slots, src_slots = _rank_slots(best_score, r, protected >= 1)
+    return first_a + 2 * unm_slots, first_a + 2 * src_slots, first_b + 2 * best_b.gather(1, src_slots)
+
+
+def _window_match(metric, windows, r: int):
+    """As ``_match``, each A token's best B searched in its window: quadratic in nA (the rank by counting)."""
+    batch, num_tokens, _ = metric.shape
+    r = layout.window_r(r, num_tokens, windows.shape)
+    num_a = layout.num_a(num_tokens, 0)
+    if r == 0:
+        return _identity_match(metric, num_a, 0)
+    metric = _unit(metric)
+    a_pos, b_pos = windows[:, 0::2], windows[:, 1::2]
+    scores = metric[:, a_pos] @ metric[:, b_pos].transpose(-1, -2)  # [B, W, S/2, S/2]
+    window_best, window_slot = scores.max(dim=-1)
+    a_slot = (a_pos // 2).flatten().expand(batch, -1)
+    # Unlisted A tokens score -inf: they rank last, and r never reaches them.
+    best_score = window_best.new_full((batch, num_a), float("-inf")).scatter(1, a_slot, window_best.flatten(1))
+    partner = b_pos.expand(batch, -1, -1).gather(2, window_slot).flatten(1)
+    best_b = torch.ones(batch, num_a, dtype=torch.long, device=metric.device).scatter(1, a_slot, partner)
+    unm_slots, src_slots = _rank_slots(best_score, r, True)
+    return 2 * unm_slots, 2 * src_slots, best_b.gather(1, src_slots)
 
 
 def _size_2d(size):
@@ -74,6 +107,21 @@ def _merge_op(x, pos, size, unm_idx, src_idx, dst_idx, protected, pos_mode):
     x_out, pos_out, size_out = reference.merge(x, pos, _size_2d(size), unm_idx, src_idx, dst_idx, protected,
                                                pos_mode == "mean")
     return x_out, pos_out, size_out.unsqueeze(-1)
+
+
+def _merge_public(x, size, unm_idx, src_idx, dst_idx, protected=0):
+    """``merge``: a composite op that export keeps as it is."""
+    x_out, _, size_out = _merge_op(x, None, size, unm_idx, src_idx, dst_idx, protected, "keep")
+    return x_out, size_out
+
+
+# The graph passes an argument left at its schema default as absent: the compositions keep the defaults.
+def _unmerge(y, unm_idx, src_idx, dst_idx, protected=0):
+    return reference.unmerge(y, unm_idx, src_idx, dst_idx, protected)
+
+
+def _merge_source(source, unm_idx, src_idx, dst_idx, protected=0):
+    return reference.merge_source(source, unm_idx, src_idx, dst_idx, protected)
 
 
 def _prop_attention(q, k, v, size, scale):
@@ -96,10 +144,12 @@ def decompositions() -> dict:
     ops = torch.ops.tome
     return {
         ops.bipartite_match.default: _match,
+        ops.window_match.default: _window_match,
         ops.bipartite_merge.default: _bipartite_merge,
         ops._merge.default: _merge_op,
-        ops.unmerge.default: reference.unmerge,
-        ops.merge_source.default: reference.merge_source,
+        ops.merge.default: _merge_public,
+        ops.unmerge.default: _unmerge,
+        ops.merge_source.default: _merge_source,
         ops._prop_attention.default: _prop_attention,
     }
 
