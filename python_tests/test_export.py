@@ -216,23 +216,33 @@ def test_export_cli(tmp_path, capsys):
     assert "max abs difference" in printed and "onnxruntime" in printed
 
 
-def test_detr_export_and_onnx_equal_eager(tmp_path):
-    """DETR with merged encoder tokens, memory and queries (no pixel_mask: no padding)."""
+class _Detections(torch.nn.Module):
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, pixel_values):
+        out = self.detector(pixel_values=pixel_values)
+        return out.logits, out.pred_boxes
+
+
+def _patched_detector(family):
+    if family == "detr":
+        from test_patch_detr import images, make_model
+
+        return tome_kernels.patch.detr(make_model(), er=20, mr=20, dr=2), images
+    from test_patch_deformable_detr import images, make_model
+
+    return tome_kernels.patch.deformable_detr(make_model(encoder_layers=1), ratio=0.75), images
+
+
+@pytest.mark.parametrize("family", ["detr", "deformable_detr"])
+def test_detector_export_and_onnx_equal_eager(tmp_path, family):
+    """DETR with merged encoder tokens, memory and queries; Deformable DETR with merged encoder queries (two
+    steps of windowed matching). No pixel_mask: no padding, so the patches read no data to choose r."""
     pytest.importorskip("transformers")
-    from test_patch_detr import images, make_model
-
-    class Detections(torch.nn.Module):
-        def __init__(self, detr):
-            super().__init__()
-            self.detr = detr
-
-        def forward(self, pixel_values):
-            out = self.detr(pixel_values=pixel_values)
-            return out.logits, out.pred_boxes
-
-    model = make_model()
-    tome_kernels.patch.detr(model, er=20, mr=20, dr=2)
-    wrapped = Detections(model).eval()
+    model, images = _patched_detector(family)
+    wrapped = _Detections(model).eval()
     batches = {batch: images(batch, seed=batch) for batch in (1, 3)}
     with torch.no_grad():
         expected = {batch: wrapped(pixels) for batch, pixels in batches.items()}
@@ -241,7 +251,7 @@ def test_detr_export_and_onnx_equal_eager(tmp_path):
     for batch, pixels in batches.items():
         for got, want in zip(program.module()(pixels), expected[batch]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    path = str(tmp_path / "detr.onnx")
+    path = str(tmp_path / "detector.onnx")
     export.export_onnx(wrapped, (batches[1],), path)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for batch, pixels in batches.items():

@@ -310,6 +310,13 @@ def current_call() -> Call | None:
     return getattr(_LOCAL, "call", None)
 
 
+def pixel_mask_given(args, kwargs) -> bool:
+    """Whether a detector's forward ``(pixel_values, pixel_mask=None, ...)`` was given a pixel mask. Without
+    one transformers makes an all-ones mask: knowing that there is no padding spares the patches a
+    data-dependent check (which torch.export and torch.compile(fullgraph=True) cannot trace)."""
+    return kwargs.get("pixel_mask") is not None or (len(args) > 1 and args[1] is not None)
+
+
 def run_call(model: nn.Module, start: Callable[[], Call], forward: Callable, args, kwargs,
              finish: Callable[[Call], None] | None = None):
     """``forward(*args, **kwargs)`` with a fresh ``start()`` :class:`Call` current in this thread; then

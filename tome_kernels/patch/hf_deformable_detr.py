@@ -31,6 +31,8 @@ The value mask is transformers' own (values at padded positions are zeroed).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -169,7 +171,8 @@ def _layer_groups(config, call, hidden, pos, mask, shapes) -> Groups:
     builder = config.get("groups_fn")
     if builder is not None:  # benchmarks substitute other query selections
         return builder(hidden, pos, mask, shapes, r)
-    real = None if mask is None or bool(mask.all()) else mask.bool()
+    padded = call.pixel_mask_given and mask is not None and not bool(mask.all())
+    real = mask.bool() if padded else None
     metric = _metric(config["metric"], hidden, pos, config["metric_dim"])
     return match(metric, real, shapes, r, config["window"])
 
@@ -239,10 +242,12 @@ class _ToMeDeformableDetr:
         self._tome_info["ratio"] = _ratio(value)
 
     def forward(self, *args, **kwargs):
-        return tk.run_call(self, self._tome_start, super().forward, args, kwargs, self._tome_finish)
+        return tk.run_call(self, functools.partial(self._tome_start, args, kwargs), super().forward, args, kwargs,
+                           self._tome_finish)
 
-    def _tome_start(self) -> tk.Call:
-        return tk.Call(dict(self._tome_info), groups=None, queries=[])
+    def _tome_start(self, args, kwargs) -> tk.Call:
+        return tk.Call(dict(self._tome_info), groups=None, queries=[],
+                       pixel_mask_given=tk.pixel_mask_given(args, kwargs))
 
     def _tome_finish(self, call: tk.Call) -> None:
         self._tome_info.update(queries=list(call.queries), groups=call.groups)

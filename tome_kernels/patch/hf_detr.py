@@ -242,9 +242,7 @@ def _detr_call():
 
 
 def _padding_mask(call: tk.Call, mask):
-    """The mask of padded tokens, or None when the forward was given no pixel_mask: transformers then makes
-    an all-ones mask, and knowing that there is no padding spares a data-dependent check (which
-    torch.export and torch.compile(fullgraph=True) cannot trace)."""
+    """The mask of padded tokens, or None when the forward was given no pixel_mask (tk.pixel_mask_given)."""
     return mask if call.pixel_mask_given else None
 
 
@@ -386,9 +384,8 @@ class _ToMeDetr:
 def _start(model: nn.Module, args: tuple, kwargs: dict) -> tk.Call:
     info = dict(model._tome_info)  # this forward's settings, whatever another thread sets meanwhile
     _check_call_options(model, info, kwargs)
-    pixel_mask_given = kwargs.get("pixel_mask") is not None or (len(args) > 1 and args[1] is not None)
     return tk.Call(info, enc=None, mem=None, dec=None, encoder_r=[], decoder_r=[], memory_r=0,
-                   published=model._tome_info, pixel_mask_given=pixel_mask_given)
+                   published=model._tome_info, pixel_mask_given=tk.pixel_mask_given(args, kwargs))
 
 
 def _finish(call: tk.Call) -> None:
