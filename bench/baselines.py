@@ -95,3 +95,23 @@ def sdpa_unbiased(q, k, v):
 def sdpa_biased(q, k, v, size):
     """``size`` [B, N, 1] as the mask log(size) broadcast over heads and queries, in q's dtype."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=size.log().to(q.dtype).view(size.shape[0], 1, 1, -1))
+
+
+def window_match_composed(metric, windows, r: int):
+    """``tome.window_match`` composed from a public op and torch: ``bipartite_match`` on the windows as batch
+    rows (each A token's best B in its window), then the pairs' cosines ranked over the row by an argsort."""
+    batch, num_tokens, channels = metric.shape
+    num_windows, width = windows.shape
+    local = metric[:, windows.flatten()].reshape(batch * num_windows, width, channels)
+    _, src, dst = torch.ops.tome.bipartite_match(local, width, 0)
+    positions = windows.repeat(batch, 1)
+    src, dst = positions.gather(1, src).view(batch, -1), positions.gather(1, dst).view(batch, -1)
+    unit = F.normalize(metric.to(torch.promote_types(metric.dtype, torch.float32)), dim=-1)
+    score = (unit.gather(1, src[..., None].expand(-1, -1, channels))
+             * unit.gather(1, dst[..., None].expand(-1, -1, channels))).sum(-1)
+    order = score.argsort(dim=1, descending=True, stable=True)[:, :r]
+    src, dst = src.gather(1, order), dst.gather(1, order)
+    num_a = layout.num_a(num_tokens, 0)
+    merged = torch.zeros(batch, num_a, dtype=torch.uint8, device=metric.device).scatter(1, src // 2, 1)
+    unm = torch.sort(merged, dim=1, stable=True).indices[:, : num_a - src.shape[1]] * 2
+    return unm, src, dst

@@ -9,6 +9,7 @@ Batches: the GPU value is what the issue asks (B=64 for ViTs); the CPU value kee
 * DETR encoder (N~1100 for an 800x1066 image): r=128, the er=100..140 range of docs/DETR.md.
 * Diffusion (SD 1.x first UNet level, 64x64 latent, C=320, 8 heads of 40): r=1024, i.e. ToMe-SD's
   ``r = ratio * N`` at ratio 0.25. ToMe-SD's default 0.5 would merge every A token, where ranking is moot.
+* Deformable DETR encoder (window_match only): 17,821 multi-scale tokens, 2x4 tiles, ratio 0.5.
 
 Metric: ViTs match on the keys averaged over heads (metric C = head dim = 64, its own tensor); DETR and
 diffusion match on x itself.
@@ -46,7 +47,13 @@ SHAPES = {
     "vit_b_384": Shape("ViT-B/16 384", 8, 64, 577, 768, 64, 1, 45, 12, 64),
     "detr": Shape("DETR encoder", 2, 2, 1100, 256, None, 0, 128, 8, 32),
     "diffusion": Shape("diffusion 64x64", 1, 8, 4096, 320, None, 0, 1024, 8, 40),
+    # window_match only: the encoder of Deformable DETR at 800x1066 (four levels, WINDOW_LEVELS), matched in
+    # 2x4 tiles at ratio 0.5 (r = 8910, clamped to the 8680 A tokens the tiles hold).
+    "deformable_detr": Shape("Deformable DETR encoder 800x1066", 1, 2, 17821, 256, None, 0, 8910, 8, 32),
 }
+WINDOW_SHAPES = ("deformable_detr",)
+WINDOW_LEVELS = ((100, 134), (50, 67), (25, 34), (13, 17))
+WINDOW_TILE = (2, 4)
 # The issue's headline shapes (the bars in docs/BENCHMARKS.md): bipartite_merge at these two, and
 # prop_attention at N=197 and N=577.
 MERGE_HEADLINE = ("vit_b", "detr")
@@ -59,5 +66,5 @@ DEVICE = os.environ.get("TOME_BENCH_DEVICE") or ("cuda" if torch.cuda.is_availab
 # Quick mode (CI: every op, direction and provider still runs, so none can rot): the headline shapes
 # only, the compiled chain only in the fp32 forward, no warm-up call.
 QUICK = os.environ.get("TOME_BENCH_QUICK") == "1"
-RUN_SHAPES = tuple(name for name in SHAPES
-                   if not QUICK or name in MERGE_HEADLINE + ATTENTION_HEADLINE)
+RUN_SHAPES = tuple(name for name in SHAPES if name not in WINDOW_SHAPES
+                   and (not QUICK or name in MERGE_HEADLINE + ATTENTION_HEADLINE))

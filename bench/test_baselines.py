@@ -20,3 +20,13 @@ def test_chain_makes_the_ops_merges():
         x_chain, size_chain = baselines.chain(x, size, metric, 16, protected)
         torch.testing.assert_close(x_out, x_chain, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(size_out, size_chain, rtol=0, atol=0)
+
+
+def test_composed_window_match_makes_the_ops_pairs():
+    """The composed baseline of window_match (bipartite_match on tiles, torch ranking) makes its matching."""
+    windows = tome_kernels.layout.grid_windows([(10, 12), (5, 6)], 2, 4)
+    metric = torch.randn(2, 150, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for r in (1, 20, 30):
+        for expected, composed in zip(torch.ops.tome.window_match(metric, windows, r),
+                                      baselines.window_match_composed(metric, windows, r)):
+            torch.testing.assert_close(composed, expected, rtol=0, atol=0)

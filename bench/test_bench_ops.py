@@ -24,15 +24,16 @@ import tome_kernels
 from tome_kernels import layout
 
 import baselines
-from shapes import DEVICE, DTYPES, MERGE_HEADLINE, QUICK, RUN_SHAPES, SHAPES
+from shapes import (DEVICE, DTYPES, MERGE_HEADLINE, QUICK, RUN_SHAPES, SHAPES, WINDOW_LEVELS, WINDOW_SHAPES,
+                    WINDOW_TILE)
 
 BACKENDS = ("triton", "cuda", "torch") if DEVICE == "cuda" else ("cpu", "torch")
 
 
-def cases(**providers_by_direction):
+def cases(shapes=RUN_SHAPES, **providers_by_direction):
     """Parametrize ``direction, provider, shape, dtype`` over the given providers of each direction."""
     params = [pytest.param(direction, provider, shape, dtype, id=f"{direction}-{shape}-{dtype}-{provider}")
-              for direction, providers in providers_by_direction.items() for shape in RUN_SHAPES
+              for direction, providers in providers_by_direction.items() for shape in shapes
               for dtype in DTYPES for provider in providers]
     return pytest.mark.parametrize("direction, provider, shape, dtype", params)
 
@@ -120,6 +121,24 @@ def test_match(benchmark, threads, direction, provider, shape, dtype):
     run(benchmark, threads, "match", direction, provider, shape, dtype, forward, inputs,
         bytes_moved=metric.numel() * metric.element_size() + 8 * metric.shape[0] * num_a,
         flops=2 * metric.shape[0] * num_a * num_b * metric.shape[-1])
+
+
+@cases(shapes=WINDOW_SHAPES, fwd=BACKENDS + ("composed",))
+def test_window_match(benchmark, threads, direction, provider, shape, dtype):
+    """Matching within 2x4 tiles of each feature level, ranked over the image, against the same matching
+    composed from ``bipartite_match`` on the tiles plus torch scoring and sorting."""
+    s = SHAPES[shape]
+    _, _, metric = baselines.make_inputs(s, s.batch(DEVICE), DTYPES[dtype], DEVICE)
+    windows = layout.grid_windows(WINDOW_LEVELS, *WINDOW_TILE, DEVICE)
+    if provider == "composed":
+        forward = functools.partial(baselines.window_match_composed, windows=windows, r=s.r)
+    else:
+        def forward(m):
+            return torch.ops.tome.window_match(m, windows, s.r)
+    listed = windows.shape[0] * windows.shape[1] // 2
+    run(benchmark, threads, "window_match", direction, provider, shape, dtype, forward, (metric,),
+        bytes_moved=metric.numel() * metric.element_size() + 8 * metric.shape[0] * layout.num_a(s.tokens, 0),
+        flops=2 * metric.shape[0] * listed * (windows.shape[1] // 2) * metric.shape[-1])
 
 
 @cases(fwd=BACKENDS + ("floor_copy",), bwd=BACKENDS + ("floor_copy",))

@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from shapes import ATTENTION_HEADLINE, MERGE_HEADLINE, SHAPES  # noqa: E402  (the one shapes table)
 
 BEGIN, END = "<!-- ops:begin -->", "<!-- ops:end -->"
-OPS = ("match", "merge", "bipartite_merge", "unmerge", "prop_attention")
+OPS = ("match", "window_match", "merge", "bipartite_merge", "unmerge", "prop_attention")
 BACKENDS = ("cpu", "triton", "cuda", "torch")
-BASELINES = ("chain", "chain_compiled", "floor_copy", "floor_scores", "sdpa_unbiased", "sdpa_biased")
+BASELINES = ("chain", "chain_compiled", "composed", "floor_copy", "floor_scores", "sdpa_unbiased", "sdpa_biased")
 PROVIDER_NAMES = {"torch": "torch (reference)", "chain": "chain", "chain_compiled": "chain compiled",
                   "floor_copy": "floor: copy x", "floor_scores": "floor: A·Bᵀ", "sdpa_unbiased": "unbiased SDPA",
-                  "sdpa_biased": "SDPA + log-size mask"}
+                  "sdpa_biased": "SDPA + log-size mask", "composed": "tiles + torch ranking"}
 DTYPES = ("fp32", "bf16")
 DIRECTIONS = ("fwd", "bwd")
 SHAPE_ORDER = tuple(SHAPES)
