@@ -1,10 +1,11 @@
 """ToMe for Hugging Face transformers (5.x) vision transformers, patched per instance.
 
 Families: ViT (``ViTModel``, ``ViTForImageClassification``), DeiT (``DeiTModel``,
-``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``), DINOv2 (``Dinov2Model``),
-DINOv2 with registers (``Dinov2WithRegistersModel``), CLIP (``CLIPVisionModel``,
-``CLIPVisionModelWithProjection``, the vision tower of ``CLIPModel``) and SigLIP (``SiglipVisionModel``, the
-vision tower of ``SiglipModel``). ``apply_patch(model)`` swaps the class of the vision backbone, of each of
+``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``), DINOv2 (``Dinov2Model``,
+``Dinov2ForImageClassification``), DINOv2 with registers (``Dinov2WithRegistersModel``,
+``Dinov2WithRegistersForImageClassification``), CLIP (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``,
+the vision tower of ``CLIPModel``) and SigLIP (``SiglipVisionModel``, the vision tower of ``SiglipModel``,
+``SiglipForImageClassification``). ``apply_patch(model)`` swaps the class of the vision backbone, of each of
 its encoder layers and of each layer's attention for a ToMe subclass; text towers are left alone.
 
 Each patched layer (pre-norm; the branches are the family's own modules, e.g. DINOv2's LayerScale)::
@@ -20,7 +21,9 @@ model. Once tokens have merged it is proportional, ``softmax(q kᵀ · scale + l
 ``torch.ops.tome.prop_attention`` or ``F.scaled_dot_product_attention`` with a log-size bias
 (``attn_impl``, as :func:`tome_kernels.patch.timm`). Prefix tokens never merge: the class token
 (ViT, DINOv2, CLIP), class and distillation tokens (DeiT), class and register tokens (DINOv2 with
-registers); SigLIP has none. SigLIP's attention-pooling head adds ``log size`` to its logits.
+registers); SigLIP has none. SigLIP's attention-pooling head adds ``log size`` to its logits. The
+classifiers that average the patch tokens (DINOv2's next to the class token, SigLIP's over all tokens) take
+the size-weighted mean ``Σ sᵢ xᵢ / Σ sᵢ`` over them once tokens merge: the mean over the original patches.
 
 Outputs: ``last_hidden_state`` holds the tokens left after merging (``[B, N - Σr, C]``, prefix tokens
 first); pooled outputs and classification logits keep their shapes; ``output_hidden_states`` gives each
