@@ -1,5 +1,5 @@
 """ToMe patches of transformers 5.x vision transformers (ViT, DeiT, DINOv2 with and without registers, CLIP,
-SigLIP).
+SigLIP, and the DINOv2 / SigLIP classifiers whose heads average the patch tokens).
 
 r = 0 must reproduce the unpatched model bit for bit (the attention path is the model's own); r > 0 must
 equal an independent forward loop written here from ``tome_kernels.reference`` on the model's modules (run in
@@ -50,6 +50,15 @@ def _dinov2_reg(t):
     return t.Dinov2WithRegistersModel(t.Dinov2WithRegistersConfig(**DINO, num_register_tokens=4))
 
 
+def _dinov2_cls(t):
+    return t.Dinov2ForImageClassification(t.Dinov2Config(**DINO, num_labels=5))
+
+
+def _dinov2_reg_cls(t):
+    return t.Dinov2WithRegistersForImageClassification(t.Dinov2WithRegistersConfig(**DINO, num_register_tokens=4,
+                                                                                     num_labels=5))
+
+
 def _clip(t):
     return t.CLIPModel(t.CLIPConfig(vision_config=SMALL, text_config=TEXT))
 
@@ -60,6 +69,11 @@ def _clip_vision(t):
 
 def _siglip(t):
     return t.SiglipVisionModel(t.SiglipVisionConfig(**SMALL))
+
+
+def _siglip_cls(t):
+    text = TEXT | {"hidden_size": SMALL["hidden_size"]}
+    return t.SiglipForImageClassification(t.SiglipConfig(vision_config=SMALL, text_config=text, num_labels=5))
 
 
 def _siglip_model(t):
@@ -73,11 +87,15 @@ MODELS = {
     "deit_teacher": (_deit, 2),
     "dinov2": (_dinov2, 1),
     "dinov2_registers": (_dinov2_reg, 5),
+    "dinov2_cls": (_dinov2_cls, 1),
+    "dinov2_registers_cls": (_dinov2_reg_cls, 5),
     "clip": (_clip, 1),
     "clip_vision": (_clip_vision, 1),
     "siglip": (_siglip, 0),
     "siglip_model": (_siglip_model, 0),
+    "siglip_cls": (_siglip_cls, 0),
 }
+CLASSIFIERS = ["dinov2_cls", "dinov2_registers_cls", "siglip_cls"]  # heads that average the patch tokens
 
 
 def make(case: str, dtype=torch.float64, attn_implementation: str = "sdpa"):
@@ -178,6 +196,19 @@ def siglip_pool(head, tokens, size):
     return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
 
 
+def classifier_logits(model, hidden, size, protected):
+    """The logits of a patch-averaging classifier from the encoder output ``hidden`` [B, N, C] and the token
+    sizes [B, N], written out: the final norm, then ``Σ sᵢ xᵢ / Σ sᵢ`` over the patch tokens."""
+    vision = backbone(model)
+    norm = vision.post_layernorm if hasattr(vision, "post_layernorm") else vision.layernorm
+    hidden = norm(hidden)
+    weights = size[:, protected:, None]
+    patch_mean = (hidden[:, protected:] * weights).sum(1) / weights.sum(1)
+    if protected:  # DINOv2: the class token next to the patch mean
+        patch_mean = torch.cat([hidden[:, 0], patch_mean], dim=1)
+    return model.classifier(patch_mean)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------------------------------
@@ -220,6 +251,55 @@ def test_matches_independent_tome(case, attn_impl):
         hidden = vision.post_layernorm(hidden)
         torch.testing.assert_close(out.pooler_output, siglip_pool(vision.head, hidden, size), rtol=0, atol=1e-10)
     torch.testing.assert_close(out.last_hidden_state, hidden, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CLASSIFIERS)
+def test_classifier_pools_the_patch_tokens_by_size(case):
+    model = make(case)
+    protected = MODELS[case][1]
+    x = images(model)
+    r = [9, 7, 11]
+    with torch.no_grad():
+        hidden, size, _ = tome_forward(backbone(model), x, r, protected)
+        expected = classifier_logits(model, hidden, size, protected)
+        unweighted = classifier_logits(model, hidden, torch.ones_like(size), protected)
+        tome_kernels.patch.hf(model, attn_impl="op", r=r)
+        logits = model(x).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+    assert not torch.allclose(logits, unweighted, rtol=1e-3, atol=1e-3)  # the sizes matter here
+
+
+@pytest.mark.parametrize("case", CLASSIFIERS)
+def test_classifier_of_duplicated_patches_keeps_its_logits(case):
+    """Images of identical patches: every patch token is the same vector, so merging leaves the weighted
+    mean, and the logits, as they were (an unweighted mean would too: the sizes must not break it)."""
+    model = make(case)
+    tile = torch.randn(1, 3, PATCH, PATCH, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = tile.repeat(2, 1, IMAGE // PATCH, IMAGE // PATCH)
+    with torch.no_grad():
+        embeddings = backbone(model).embeddings
+        position = [p for n, p in embeddings.named_parameters() if "position" in n]
+        for p in position:  # equal positions too, or the patch tokens differ
+            p.copy_(p.mean(dim=-2, keepdim=True).expand_as(p))
+        expected = model(x).logits
+        tome_kernels.patch.hf(model, r=8)
+        actual = model(x).logits
+    assert model._tome_info["size"].amax() > 1
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["dinov2_registers_cls", "siglip_cls"])
+def test_classifier_loss_and_tuples(case):
+    model = tome_kernels.patch.hf(make(case, torch.float32), r=8)
+    x, labels = images(model), torch.tensor([1, 4])
+    with torch.no_grad():
+        out = model(x, labels=labels)
+        plain = model(x, return_dict=False)
+    assert torch.equal(plain[0], out.logits) and len(plain) == 1
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    model.r = 0
+    with torch.no_grad():
+        assert len(model(x, labels=labels, return_dict=False)) == 2
 
 
 @pytest.mark.parametrize("case", list(MODELS))
@@ -355,6 +435,16 @@ def test_unsupported_models_are_refused_with_the_supported_list():
         tome_kernels.patch.apply_patch(torch.nn.Linear(2, 2))
 
 
+def test_classifier_with_its_own_forward_is_refused():
+    class Classifier(transformers.Dinov2ForImageClassification):
+        def forward(self, pixel_values):
+            return self.classifier(self.dinov2(pixel_values).pooler_output.repeat(1, 2))
+
+    model = Classifier(transformers.Dinov2Config(**DINO, num_labels=5))
+    with pytest.raises(TypeError, match="Classifier; supported: .*Dinov2ForImageClassification or a subclass"):
+        tome_kernels.patch.apply_patch(model)
+
+
 def test_attention_mask_is_refused_once_tokens_merge():
     model = tome_kernels.patch.hf(make("vit", torch.float32))
     x = images(model)
@@ -381,7 +471,7 @@ def test_gradients_flow_and_checkpointing_is_refused():
         model(images(model))
 
 
-@pytest.mark.parametrize("case", ["vit", "dinov2_registers", "siglip"])
+@pytest.mark.parametrize("case", ["vit", "dinov2_registers", "siglip", "dinov2_registers_cls", "siglip_cls"])
 def test_torch_compile_fullgraph(case):
     torch._dynamo.reset()
     model = make(case, torch.float32)
@@ -408,8 +498,9 @@ def test_apply_patch_finds_the_family(case):
     assert model._tome_info["r"] == [6, 3, 0]
 
 
-def test_pickle_and_deepcopy_of_a_patched_model():
-    model = tome_kernels.patch.hf(make("deit_teacher", torch.float32), r=5)
+@pytest.mark.parametrize("case", ["deit_teacher", "dinov2_registers_cls"])
+def test_pickle_and_deepcopy_of_a_patched_model(case):
+    model = tome_kernels.patch.hf(make(case, torch.float32), r=5)
     x = images(model)
     with torch.no_grad():
         expected = model(x).logits
@@ -431,13 +522,14 @@ def test_unpickled_model_keeps_output_capture():
     assert [h.shape[1] for h in out.hidden_states] == [65, 57, 49, 41]
 
 
-def test_threads_share_one_patched_model():
-    model = tome_kernels.patch.hf(make("siglip", torch.float32), r=[10, 3, 7])
+@pytest.mark.parametrize("case, output", [("siglip", "pooler_output"), ("siglip_cls", "logits")])
+def test_threads_share_one_patched_model(case, output):
+    model = tome_kernels.patch.hf(make(case, torch.float32), r=[10, 3, 7])
     inputs = [images(model, batch=1 + i % 3, seed=i) for i in range(6)]
     with torch.no_grad():
-        expected = [model(x).pooler_output for x in inputs]
+        expected = [model(x)[output] for x in inputs]
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            actual = list(pool.map(lambda x: model(x).pooler_output, inputs))
+            actual = list(pool.map(lambda x: model(x)[output], inputs))
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
 
@@ -468,7 +560,7 @@ def test_bench_model_cli_runs_an_hf_model():
         bench_model.family_for("hf:nothing")
 
 
-@pytest.mark.parametrize("case", ["vit", "siglip"])
+@pytest.mark.parametrize("case", ["vit", "siglip", "dinov2_cls"])
 def test_torch_export(case):
     model = tome_kernels.patch.hf(make(case, torch.float32), r=[6, 4, 5])
     x = images(model)

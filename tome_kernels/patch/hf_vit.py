@@ -1,10 +1,11 @@
 """ToMe for Hugging Face transformers (5.x) vision transformers, patched per instance.
 
 Families: ViT (``ViTModel``, ``ViTForImageClassification``), DeiT (``DeiTModel``,
-``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``), DINOv2 (``Dinov2Model``),
-DINOv2 with registers (``Dinov2WithRegistersModel``), CLIP (``CLIPVisionModel``,
-``CLIPVisionModelWithProjection``, the vision tower of ``CLIPModel``) and SigLIP (``SiglipVisionModel``, the
-vision tower of ``SiglipModel``). ``apply_patch(model)`` swaps the class of the vision backbone, of each of
+``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``), DINOv2 (``Dinov2Model``,
+``Dinov2ForImageClassification``), DINOv2 with registers (``Dinov2WithRegistersModel``,
+``Dinov2WithRegistersForImageClassification``), CLIP (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``,
+the vision tower of ``CLIPModel``) and SigLIP (``SiglipVisionModel``, the vision tower of ``SiglipModel``,
+``SiglipForImageClassification``). ``apply_patch(model)`` swaps the class of the vision backbone, of each of
 its encoder layers and of each layer's attention for a ToMe subclass; text towers are left alone.
 
 Each patched layer (pre-norm; the branches are the family's own modules, e.g. DINOv2's LayerScale)::
@@ -20,7 +21,9 @@ model. Once tokens have merged it is proportional, ``softmax(q kᵀ · scale + l
 ``torch.ops.tome.prop_attention`` or ``F.scaled_dot_product_attention`` with a log-size bias
 (``attn_impl``, as :func:`tome_kernels.patch.timm`). Prefix tokens never merge: the class token
 (ViT, DINOv2, CLIP), class and distillation tokens (DeiT), class and register tokens (DINOv2 with
-registers); SigLIP has none. SigLIP's attention-pooling head adds ``log size`` to its logits.
+registers); SigLIP has none. SigLIP's attention-pooling head adds ``log size`` to its logits. The
+classifiers that average the patch tokens (DINOv2's next to the class token, SigLIP's over all tokens) take
+the size-weighted mean ``Σ sᵢ xᵢ / Σ sᵢ`` over them once tokens merge: the mean over the original patches.
 
 Outputs: ``last_hidden_state`` holds the tokens left after merging (``[B, N - Σr, C]``, prefix tokens
 first); pooled outputs and classification logits keep their shapes; ``output_hidden_states`` gives each
@@ -64,6 +67,9 @@ KNOWN_CODE = {
     "SiglipEncoderLayer.forward": {"a7fb59343448c5b4"},
     "SiglipAttention.forward": {"f14aa90afe382d91"},
     "SiglipMultiheadAttentionPoolingHead.forward": {"152c11e9d94a4538"},
+    "Dinov2ForImageClassification.forward": {"ea8df3715bc6b0b7"},
+    "Dinov2WithRegistersForImageClassification.forward": {"bd8a4f72a59ca106"},
+    "SiglipForImageClassification.forward": {"3459f585908af5fe"},
 }
 
 
@@ -248,6 +254,65 @@ class _ToMeSiglipHead:
         return hidden_state[:, 0]
 
 
+class _ToMePoolingClassifier(_ToMeWrapper):
+    """A classifier whose head averages the patch tokens. Once tokens merge, a token stands for ``size``
+    patches, so the head takes the size-weighted mean ``Σ sᵢ xᵢ / Σ sᵢ`` over the patch tokens (prefix tokens
+    left out), which is the mean over the original patches that the unmerged model takes; ``_tome_classify``
+    renders the family's forward with it. With r = 0 in every layer it is transformers' own forward.
+
+    The forward owns the state of the call (the backbone's forward joins it), so the head reads the sizes of
+    this forward, not those another thread published."""
+
+    def forward(self, *args, **kwargs):
+        backbone = self.get_submodule(self._tome_backbone)
+        return tk.run_call(backbone, backbone._tome_start, self._tome_forward, args, kwargs, backbone._tome_finish)
+
+    def _tome_forward(self, *args, **kwargs):
+        if not any(tk.current_call().r):
+            return super().forward(*args, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)  # as transformers' can_return_tuple
+        out = self._tome_classify(*args, **kwargs)
+        return out if (self.config.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+    @staticmethod
+    def _tome_patch_mean(tokens: torch.Tensor) -> torch.Tensor:
+        """The size-weighted mean of the patch tokens of ``tokens`` [B, N, C] (the backbone's output)."""
+        call = tk.current_call()
+        prefix = call.config["num_prefix_tokens"]
+        return tk.weighted_mean(tokens[:, prefix:], None if call.size is None else call.size[:, prefix:])
+
+    @staticmethod
+    def _tome_output(outputs, logits, loss):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+class _ToMeDinov2Classifier(_ToMePoolingClassifier):
+    """``Dinov2ForImageClassification`` / ``Dinov2WithRegistersForImageClassification``: the class token next
+    to the mean of the patch tokens (registers left out), into a linear classifier."""
+
+    def _tome_classify(self, pixel_values=None, labels=None, attention_mask=None, **kwargs):
+        outputs = self.get_submodule(self._tome_backbone)(pixel_values, attention_mask=attention_mask, **kwargs)
+        sequence_output = outputs.last_hidden_state
+        linear_input = torch.cat([sequence_output[:, 0], self._tome_patch_mean(sequence_output)], dim=1)
+        logits = self.classifier(linear_input)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        return self._tome_output(outputs, logits, loss)
+
+
+class _ToMeSiglipClassifier(_ToMePoolingClassifier):
+    """``SiglipForImageClassification``: the mean of all tokens (SigLIP has no prefix tokens) into a linear
+    classifier; the vision model's attention-pooling head is not what it reads."""
+
+    def _tome_classify(self, pixel_values=None, labels=None, interpolate_pos_encoding=False, **kwargs):
+        outputs = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        logits = self.classifier(self._tome_patch_mean(outputs.last_hidden_state))
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return self._tome_output(outputs, logits, loss)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Families
 # ----------------------------------------------------------------------------------------------------
@@ -264,13 +329,16 @@ class Family:
     layer_mixin: type
     attention_mixin: type
     wrappers: tuple[tuple[str, str], ...] = ()  # (model class, attribute holding the backbone)
+    classifiers: tuple[tuple[str, str], ...] = ()  # wrappers whose head averages the patch tokens
+    classifier_mixin: type | None = None  # a _ToMePoolingClassifier rendering their forward
     head: str | None = None  # a pooling head that needs the token sizes
     head_mixin: type | None = None
     extra_prefix_tokens: str | None = None  # config field counting prefix tokens after the class token(s)
     class_tokens: int = 1  # leading class / distillation tokens
 
     def class_paths(self) -> tuple[str, ...]:
-        return tuple(f"{self.module}.{name}" for name in (self.backbone, *(w for w, _ in self.wrappers)))
+        wrappers = (name for name, _ in self.wrappers + self.classifiers)
+        return tuple(f"{self.module}.{name}" for name in (self.backbone, *wrappers))
 
     def num_prefix_tokens(self, config) -> int:
         extra = getattr(config, self.extra_prefix_tokens) if self.extra_prefix_tokens else 0
@@ -286,19 +354,22 @@ FAMILIES = (
            _MODELS + "deit.modeling_deit", "DeiTModel", "DeiTLayer", "DeiTAttention", _ToMeViTLayer,
            _ToMeViTAttention, (("DeiTForImageClassification", "deit"),
                                ("DeiTForImageClassificationWithTeacher", "deit")), class_tokens=2),
-    Family("hf_dinov2", "transformers Dinov2Model", _MODELS + "dinov2.modeling_dinov2", "Dinov2Model",
-           "Dinov2Layer", "Dinov2Attention", _ToMeDinov2Layer, _ToMeViTAttention),
-    Family("hf_dinov2_registers", "transformers Dinov2WithRegistersModel",
+    Family("hf_dinov2", "transformers Dinov2Model, Dinov2ForImageClassification", _MODELS + "dinov2.modeling_dinov2",
+           "Dinov2Model", "Dinov2Layer", "Dinov2Attention", _ToMeDinov2Layer, _ToMeViTAttention,
+           classifiers=(("Dinov2ForImageClassification", "dinov2"),), classifier_mixin=_ToMeDinov2Classifier),
+    Family("hf_dinov2_registers", "transformers Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification",
            _MODELS + "dinov2_with_registers.modeling_dinov2_with_registers", "Dinov2WithRegistersModel",
            "Dinov2WithRegistersLayer", "Dinov2WithRegistersAttention", _ToMeDinov2Layer, _ToMeViTAttention,
-           extra_prefix_tokens="num_register_tokens"),
+           classifiers=(("Dinov2WithRegistersForImageClassification", "dinov2_with_registers"),),
+           classifier_mixin=_ToMeDinov2Classifier, extra_prefix_tokens="num_register_tokens"),
     Family("hf_clip", "transformers CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (vision tower)",
            _MODELS + "clip.modeling_clip", "CLIPVisionModel", "CLIPEncoderLayer", "CLIPAttention",
            _ToMeCLIPLayer, _ToMeCLIPAttention,
            (("CLIPModel", "vision_model"), ("CLIPVisionModelWithProjection", "vision_model"))),
-    Family("hf_siglip", "transformers SiglipVisionModel, SiglipModel (vision tower)",
+    Family("hf_siglip", "transformers SiglipVisionModel, SiglipModel (vision tower), SiglipForImageClassification",
            _MODELS + "siglip.modeling_siglip", "SiglipVisionModel", "SiglipEncoderLayer", "SiglipAttention",
            _ToMeCLIPLayer, _ToMeSiglipAttention, (("SiglipModel", "vision_model"),),
+           classifiers=(("SiglipForImageClassification", "vision_model"),), classifier_mixin=_ToMeSiglipClassifier,
            head="SiglipMultiheadAttentionPoolingHead", head_mixin=_ToMeSiglipHead, class_tokens=0),
 )
 
@@ -312,7 +383,7 @@ def find_family(model: nn.Module) -> tuple[Family, str] | None:
                 continue
             if cls.__qualname__ == family.backbone:
                 return family, ""
-            for wrapper, attribute in family.wrappers:
+            for wrapper, attribute in family.wrappers + family.classifiers:
                 if cls.__qualname__ == wrapper:
                     return family, attribute
     return None
@@ -339,6 +410,12 @@ def _patch(model: nn.Module, family: Family, backbone_path: str, r, trace_source
         tk.check_forward(attention, attention_cls, "forward", family.name, KNOWN_CODE,
                          where=f"layer {index}'s attention")
         attentions.append(attention)
+    wrapper_mixin = _ToMeWrapper
+    for name, _ in family.classifiers:
+        classifier_cls = getattr(library, name)
+        if isinstance(model, classifier_cls):
+            tk.check_forward(model, classifier_cls, "forward", family.name, KNOWN_CODE)
+            wrapper_mixin = family.classifier_mixin
     heads = []
     if family.head is not None:
         head_cls = getattr(library, family.head)
@@ -362,7 +439,7 @@ def _patch(model: nn.Module, family: Family, backbone_path: str, r, trace_source
     parameters = list(inspect.signature(tk.original_class(backbone).forward).parameters)[1:]  # after self
     backbone._tome_mask_position = parameters.index("attention_mask") if "attention_mask" in parameters else None
     if backbone is not model:
-        _swap_class(model, _ToMeWrapper)
+        _swap_class(model, wrapper_mixin)
         model._tome_backbone = backbone_path
     model.r = r
     for index, (layer, attention) in enumerate(zip(layers, attentions)):

@@ -195,6 +195,7 @@ HF_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "vit-base": _hf("ViTForImageClassification", "ViTConfig", num_labels=1000, **_VIT_B16),
     "deit-base-distilled": _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=1000, **_VIT_B16),
     "dinov2-base": _hf("Dinov2Model", "Dinov2Config"),
+    "dinov2-base-cls": _hf("Dinov2ForImageClassification", "Dinov2Config", num_labels=1000),
     "dinov2-reg-base": _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", patch_size=14),
     "clip-vit-b16": _hf("CLIPVisionModel", "CLIPVisionConfig", **_VIT_B16),
     "siglip-base": _hf("SiglipVisionModel", "SiglipVisionConfig", **_VIT_B16),
