@@ -25,3 +25,13 @@ def backend(request):
     device, name = request.param
     with tome_kernels.use_backend(name):
         yield device, name
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One intra-op thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures(...)``): their
+    matmuls are faster on one thread than on two fighting over a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,12 +13,7 @@ from tome_kernels.tools import accuracy, train  # noqa: E402
 from tome_kernels.tools.bench_model import vit_token_counts  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from tome_kernels.tools import eval_classification, eval_detection  # noqa: E402
 CLASSES = ["cat", "dog", "eel"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _crops(count: int, size: int):

@@ -16,12 +16,7 @@ timm = pytest.importorskip("timm")
 import tome_kernels.patch  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def tied_metric(batch, num_tokens, channels, seed=0):

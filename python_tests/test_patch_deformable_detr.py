@@ -20,12 +20,7 @@ HEIGHT, WIDTH = 128, 160
 SIZES = [(128, 160), (72, 100)]  # a padded batch of two image sizes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def make_model(cls=DeformableDetrForObjectDetection, seed=0, **overrides):

@@ -18,13 +18,7 @@ detr_patch = importlib.import_module("tome_kernels.patch.hf_detr")
 HEIGHT, WIDTH = 256, 320  # an 8 x 10 feature map: 80 encoder tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster than two fighting over a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def tiny_config(**overrides) -> DetrConfig:

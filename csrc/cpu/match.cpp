@@ -247,32 +247,42 @@ void fill_unmerged_in_order(const Layout& layout, int64_t batch, int64_t* unm_id
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
-  check_float("metric", metric_in, 3);
-  const int64_t batch = metric_in.size(0);
-  const Layout layout = match_layout(metric_in.size(1), r, protected_tokens);
-  const at::Tensor metric = metric_in.contiguous();
+// The outputs of a match of `layout` (allocated here), the calls with nothing to rank (an empty batch: the
+// tiling divides by it; r = 0), and the dtype dispatch: fill(data, accum, unm_idx, src_idx, dst_idx) gets the
+// rest. The op layer sends neither an empty batch nor r = 0; direct calls may.
+template <class Fill>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> match_outputs(const at::Tensor& metric, const Layout& layout,
+                                                             const Fill& fill) {
+  const int64_t batch = metric.size(0);
   const auto index_options = metric.options().dtype(at::kLong);
   at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
   at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
   at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
-  // The op layer sends neither an empty batch (the tiling divides by it) nor r = 0; direct calls may.
   if (batch == 0) return {unm_idx, src_idx, dst_idx};
   if (layout.r == 0) {
     fill_unmerged_in_order(layout, batch, unm_idx.mutable_data_ptr<int64_t>());
     return {unm_idx, src_idx, dst_idx};
   }
   dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
-    Matcher<decltype(data), decltype(accum)> matcher(metric, layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
-                                                     src_idx.mutable_data_ptr<int64_t>(),
-                                                     dst_idx.mutable_data_ptr<int64_t>());
+    fill(data, accum, unm_idx.mutable_data_ptr<int64_t>(), src_idx.mutable_data_ptr<int64_t>(),
+         dst_idx.mutable_data_ptr<int64_t>());
+  });
+  return {unm_idx, src_idx, dst_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> match(const at::Tensor& metric_in, int64_t r, int64_t protected_tokens) {
+  check_float("metric", metric_in, 3);
+  const Layout layout = match_layout(metric_in.size(1), r, protected_tokens);
+  const at::Tensor metric = metric_in.contiguous();
+  return match_outputs(metric, layout, [&](auto data, auto accum, int64_t* unm_idx, int64_t* src_idx,
+                                           int64_t* dst_idx) {
+    Matcher<decltype(data), decltype(accum)> matcher(metric, layout, metric.size(0), unm_idx, src_idx, dst_idx);
     if (matcher.whole_rows()) {
       matcher.run_whole_rows();
     } else {
       matcher.run_by_stage();
     }
   });
-  return {unm_idx, src_idx, dst_idx};
 }
 
 // The values of a window table (as _validation.check_window_values): positions in [0, N), even in the even
@@ -350,26 +360,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_match(const at::Tensor& me
   check_float("metric", metric_in, 3);
   TORCH_CHECK_VALUE(windows_in.device() == metric_in.device(), "tome: tensors must be on one device, got metric ",
                     metric_in.device(), ", windows ", windows_in.device());
-  const int64_t batch = metric_in.size(0);
   const Layout layout = window_match_layout(metric_in.size(1), windows_in, r);
   const at::Tensor metric = metric_in.contiguous(), windows = windows_in.contiguous();
   check_window_values(windows.const_data_ptr<int64_t>(), windows.numel(), layout);
-  const auto index_options = metric.options().dtype(at::kLong);
-  at::Tensor unm_idx = at::empty({batch, layout.num_unmerged()}, index_options);
-  at::Tensor src_idx = at::empty({batch, layout.r}, index_options);
-  at::Tensor dst_idx = at::empty({batch, layout.r}, index_options);
-  if (batch == 0) return {unm_idx, src_idx, dst_idx};
-  if (layout.r == 0) {
-    fill_unmerged_in_order(layout, batch, unm_idx.mutable_data_ptr<int64_t>());
-    return {unm_idx, src_idx, dst_idx};
-  }
-  dispatch_data_acc(metric.scalar_type(), acc_dtype(metric.scalar_type()), [&](auto data, auto accum) {
+  return match_outputs(metric, layout, [&](auto data, auto accum, int64_t* unm_idx, int64_t* src_idx,
+                                           int64_t* dst_idx) {
     match_windows<decltype(data), decltype(accum)>(metric, windows.const_data_ptr<int64_t>(), windows.size(0),
-                                                   windows.size(1), layout, batch, unm_idx.mutable_data_ptr<int64_t>(),
-                                                   src_idx.mutable_data_ptr<int64_t>(),
-                                                   dst_idx.mutable_data_ptr<int64_t>());
+                                                   windows.size(1), layout, metric.size(0), unm_idx, src_idx, dst_idx);
   });
-  return {unm_idx, src_idx, dst_idx};
 }
 
 }  // namespace

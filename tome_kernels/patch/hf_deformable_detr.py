@@ -40,7 +40,7 @@ import tome_kernels  # noqa: F401  (registers torch.ops.tome)
 from tome_kernels import layout
 
 from . import _toolkit as tk
-from .hf_detr import _padding_metric
+from .hf_detr import _pad_safe_r, _padding_metric
 
 __all__ = ["deformable_detr", "apply_patch", "unpatch", "match", "Groups"]
 
@@ -80,24 +80,11 @@ class Groups:
         return t.gather(1, self.rep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def _same_kind_pairs(real, table) -> int:
-    """The fewest candidate pairs of one kind (real-real or padding-padding) in any batch row: r is clamped
-    to it, so that no real token merges with padding (cross-kind pairs score 0, same-kind ones >= 0.6, so
-    the op ranks every same-kind pair first). ``table``: the windows, or None (one global match)."""
-    if table is None:
-        a_kind, b_kind = real[:, None, 0::2], real[:, None, 1::2]
-    else:
-        kinds = real[:, table]
-        a_kind, b_kind = kinds[..., 0::2], kinds[..., 1::2]
-    same = torch.where(a_kind, b_kind.any(-1, keepdim=True), (~b_kind).any(-1, keepdim=True))
-    return int(same.sum((1, 2)).min())  # one host sync per step, padded batches only
-
-
 def _step(metric, real, table, r: int):
     """One bipartite step: ``(unm_idx, src_idx, dst_idx)`` merging the (at most) r best candidate pairs, the
     unmerged in ascending position (merged tokens stay in spatial order: a second step's windows are local)."""
-    if real is not None:
-        r = min(r, _same_kind_pairs(real, table))
+    if real is not None:  # same-kind pairs score >= 0.6, cross-kind ones 0: the op ranks them first
+        r = _pad_safe_r(real, r, table)
         metric = _padding_metric(metric, real)
     if table is not None:
         return torch.ops.tome.window_match(metric, table, r)

@@ -115,15 +115,14 @@ class _Tokens:
         return size
 
 
-def _pad_safe_r(real: torch.Tensor, r: int) -> int:
+def _pad_safe_r(real: torch.Tensor, r: int, windows: torch.Tensor | None = None) -> int:
     """Largest r <= ``r`` for which every merging A token has a B token of its own kind (real or padding)
-    in every batch row: the top-r A tokens then never pick a partner of the other kind (score 0)."""
-    a, b = real[:, 0::2], real[:, 1::2]
-    real_a, real_b = a.sum(1), b.sum(1)
-    pad_a, pad_b = a.shape[1] - real_a, b.shape[1] - real_b
-    zero = torch.zeros_like(real_a)
-    ok = torch.where(real_b > 0, real_a, zero) + torch.where(pad_b > 0, pad_a, zero)
-    return min(r, int(ok.min()))
+    in every batch row (in its window of ``windows``, a ``tome.window_match`` table, when given): the top-r A
+    tokens then never pick a partner of the other kind (score 0). One host sync."""
+    kinds = real[:, None] if windows is None else real[:, windows]  # [B, windows, window tokens]
+    a, b = kinds[..., 0::2], kinds[..., 1::2]
+    same_kind = torch.where(a, b.any(-1, keepdim=True), (~b).any(-1, keepdim=True))
+    return min(r, int(same_kind.sum((1, 2)).min()))
 
 
 def _padding_metric(metric: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _toolkit as tk
-from .timm_vit import FAMILY, _ToMeVisionTransformer, config, install
+from .timm_vit import FAMILY, _ToMeVisionTransformer, attend, config, install
 
 __all__ = ["patch_eva"]
 
@@ -59,14 +59,7 @@ class _ToMeRopeAttention:
         if groups > 1:  # grouped-query attention: kv head h // groups serves query head h
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
-        dropout = self.attn_drop.p if self.training else 0.0
-        if size is not None:
-            x = tk.attention(q, k, v, size, self.scale, attn_impl, dropout)
-        elif self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-
+        x = attend(self, q, k, v, size, attn_impl)
         x = self.norm(x.transpose(1, 2).reshape(batch, num_tokens, -1))
         if gate is not None:
             x = x * gate

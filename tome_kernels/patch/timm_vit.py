@@ -57,6 +57,18 @@ KNOWN_CODE = {
 # ----------------------------------------------------------------------------------------------------
 # Patched classes (mixins put in front of the original class)
 # ----------------------------------------------------------------------------------------------------
+def attend(attention: nn.Module, q, k, v, size: torch.Tensor | None, attn_impl: str) -> torch.Tensor:
+    """The attention of a timm attention module on ``[B, H, N, D]`` heads: with token sizes, proportional
+    attention (``tk.attention``); without, the module's own path (SDPA when ``fused_attn``, else its explicit
+    softmax), so that r = 0 gives timm's bits."""
+    dropout = attention.attn_drop.p if attention.training else 0.0
+    if size is not None:
+        return tk.attention(q, k, v, size, attention.scale, attn_impl, dropout)
+    if attention.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    return attention.attn_drop(((q * attention.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+
+
 class _ToMeAttention:
     """timm ``Attention`` that takes token sizes and also returns the merge metric (keys averaged over heads)."""
 
@@ -66,16 +78,7 @@ class _ToMeAttention:
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout = self.attn_drop.p if self.training else 0.0
-
-        if size is not None:
-            x = tk.attention(q, k, v, size, self.scale, attn_impl, dropout)
-        elif self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = self.attn_drop(attn) @ v
-
+        x = attend(self, q, k, v, size, attn_impl)
         x = x.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

@@ -52,6 +52,20 @@ from ._common import (AotSpec, AOT_DTYPES, acc_dtype, autotune_configs, checked_
 
 NORM_EPS = tl.constexpr(reference.NORM_EPS)
 
+@triton.jit
+def _inverse_norms(rows, mask, channels, stride_c, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """``1 / max(|row|, eps)`` of the BLOCK rows at ``rows`` (pointers to their first channel), read in
+    BLOCK_C-channel chunks; masked rows read zeros."""
+    squares = tl.zeros([BLOCK], dtype=ACC_DTYPE)
+    for c0 in range(0, channels, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        row = tl.load(rows + cols[None, :] * stride_c, mask=mask[:, None] & (cols < channels)[None, :],
+                      other=0.0).to(ACC_DTYPE)
+        squares += tl.sum(row * row, axis=1)
+    return 1.0 / tl.maximum(tl.sqrt(squares), NORM_EPS)
+
+
 # Two configs (GPU autotune; the interpreter takes the first). The channel chunk follows the element size:
 # fp32 metrics go through exact fp32 (FMA) dots whose operands live in registers, and 32-channel chunks of
 # them spill on every arch (python -m tome_kernels.aot); 16-channel chunks do not.
@@ -90,14 +104,8 @@ def _match_fwd_kernel(
     metric_ptr += batch * stride_mb
     a_rows = metric_ptr + (first_a + 2 * ia)[:, None] * stride_mn
 
-    # Squared norms of the A rows (one extra read of BLOCK_A rows; the B norms come from the dot's tiles).
-    ssq_a = tl.zeros([BLOCK_A], dtype=ACC_DTYPE)
-    for c0 in range(0, channels, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        a = tl.load(a_rows + cols[None, :] * stride_mc, mask=mask_a[:, None] & (cols < channels)[None, :],
-                    other=0.0).to(ACC_DTYPE)
-        ssq_a += tl.sum(a * a, axis=1)
-    inv_a = 1.0 / tl.maximum(tl.sqrt(ssq_a), NORM_EPS)
+    # The A rows' norms: one extra read of BLOCK_A rows (the B norms come from the dot's tiles).
+    inv_a = _inverse_norms(a_rows, mask_a, channels, stride_mc, ACC_DTYPE, BLOCK_A, BLOCK_C)
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=ACC_DTYPE)
     best_b = tl.zeros([BLOCK_A], dtype=tl.int32)
@@ -233,13 +241,7 @@ def _window_match_fwd_kernel(
 
     metric_ptr += batch * stride_mb
     a_rows = metric_ptr + a_pos[:, None] * stride_mn
-    ssq_a = tl.zeros([BLOCK_A], dtype=ACC_DTYPE)
-    for c0 in range(0, channels, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        a = tl.load(a_rows + cols[None, :] * stride_mc, mask=listed[:, None] & (cols < channels)[None, :],
-                    other=0.0).to(ACC_DTYPE)
-        ssq_a += tl.sum(a * a, axis=1)
-    inv_a = 1.0 / tl.maximum(tl.sqrt(ssq_a), NORM_EPS)
+    inv_a = _inverse_norms(a_rows, listed, channels, stride_mc, ACC_DTYPE, BLOCK_A, BLOCK_C)
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=ACC_DTYPE)
     best_pos = tl.zeros([BLOCK_A], dtype=tl.int64)
